@@ -1,0 +1,22 @@
+"""embedstore: turn an image collection into a searchable, labelable embedding index.
+
+    import embedstore
+    store = embedstore.open("./photos.es", backbone="offline:efficientnet_lite0")
+    store.add(["./photos"])
+    ids, paths, X = store.vectors()
+"""
+
+from .errors import EmbedstoreError
+from .store import AddResult, Store, VectorSet
+
+
+def open(path, backbone: str | None = None, weights: str | None = None, **kw) -> Store:  # noqa: A001
+    """Open the store at `path`, creating it (with `backbone`, default offline:efficientnet_lite0) if new.
+
+    Keyword arguments: create=True, device="auto", lock_timeout=30.0.
+    """
+    return Store.open(path, backbone, weights, **kw)
+
+
+__version__ = "0.1.0"
+__all__ = ["open", "Store", "AddResult", "VectorSet", "EmbedstoreError", "__version__"]

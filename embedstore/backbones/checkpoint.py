@@ -1,0 +1,64 @@
+"""Reading local checkpoints (--weights FILE) and turning download failures into one clear error."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..errors import BackboneLoadError
+
+OFFLINE_HINT = (
+    "no network? pass a local checkpoint with --weights FILE, or use the offline backbone "
+    "offline:efficientnet_lite0"
+)
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from .pt/.pth/.bin/.safetensors, unwrapping {'state_dict': ...} and 'module.' prefixes."""
+    p = Path(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # unreadable, pickled code, wrong format
+        raise BackboneLoadError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not sd:
+        raise BackboneLoadError(f"checkpoint {path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, ignore_prefixes=()) -> None:
+    """Load by key; head/classifier keys the feature model lacks are ignored; anything else missing fails."""
+    own = model.state_dict()
+    unexpected = [k for k in sd if k not in own]
+    sd = {k: v for k, v in sd.items() if k in own}
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    bad_shape = [k for k, v in sd.items() if tuple(v.shape) != tuple(own[k].shape)]
+    stray = [k for k in unexpected if not k.startswith(tuple(ignore_prefixes))]
+    if missing or bad_shape or (stray and len(stray) > len(own) // 2):
+        raise BackboneLoadError(
+            f"checkpoint {source} does not fit this architecture: {len(missing)} missing, "
+            f"{len(bad_shape)} wrong-shape tensors (e.g. {(missing + bad_shape)[:1] or stray[:1]}); "
+            "check the backbone name matches the checkpoint"
+        )
+    model.load_state_dict(sd, strict=False)
+
+
+@contextmanager
+def download_errors(name: str):
+    """Turn hub/network failures into one line naming --weights and the offline backbone."""
+    try:
+        yield
+    except BackboneLoadError:
+        raise
+    except (OSError, RuntimeError, ValueError, ConnectionError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise BackboneLoadError(f"could not load weights for {name} ({msg}); {OFFLINE_HINT}") from e

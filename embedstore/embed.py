@@ -1,0 +1,240 @@
+"""The batch embedding pipeline.
+
+DataLoader worker processes read, decode (Pillow draft mode for large JPEGs, EXIF orientation) and
+preprocess; the main process runs the frozen model under inference_mode and yields L2-normalised
+float32 batches. On CUDA: bf16/fp16 autocast, channels_last, pinned memory + non_blocking copies,
+automatic batch size, optional GPU JPEG decode. On CPU: channels_last with small batches (about 4x
+faster than NCHW at batch 64 for efficientnet_lite0 on 2 cores).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .backbones.base import Backbone, PreprocessCfg
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+CPU_BATCH = 16
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"unknown device '{device}'; use auto, cpu or cuda")
+    return device
+
+
+def load_image(src, pre: PreprocessCfg | None = None) -> Image.Image:
+    """Open a path/bytes as RGB: draft-mode decode for JPEGs, EXIF orientation, bomb check.
+
+    Raises on unreadable, truncated, non-image and decompression-bomb files.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+        if pre is not None and im.format == "JPEG":
+            target = pre.resize_size
+            im.draft("RGB", (target, target))  # decode at 1/2, 1/4, 1/8 scale when the file is large
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(id, path) items -> (id, tensor) or (id, None, error message)."""
+
+    def __init__(self, items: Sequence[tuple[int, str]], pre: PreprocessCfg):
+        self.items = list(items)
+        self.pre = pre
+        self.tf = pre.build_transform()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        id_, path = self.items[i]
+        try:
+            return id_, self.tf(load_image(path, self.pre)), None
+        except Exception as e:  # recorded in the errors table; the run goes on
+            return id_, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def _collate(batch):
+    ok = [(i, t) for i, t, _ in batch if t is not None]
+    bad = [(i, err) for i, t, err in batch if t is None]
+    ids = torch.tensor([i for i, _ in ok], dtype=torch.int64)
+    x = torch.stack([t for _, t in ok]) if ok else None
+    return ids, x, bad
+
+
+def _mp_context():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "PIL.Image", "torchvision.transforms", "embedstore.embed"])
+    return ctx
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+@dataclass
+class EmbedStats:
+    embedded: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    batch_size: int = 0
+    device: str = "cpu"
+    errors: list = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def autotune_cuda_batch(backbone: Backbone, device: str, start: int = 1024, amp_dtype=None) -> int:
+    """Largest power-of-two batch (<= start) whose forward pass fits in GPU memory."""
+    c, h, w = backbone.preprocess.input_size
+    bs = start
+    while bs >= 1:
+        try:
+            x = torch.zeros(bs, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16):
+                backbone.forward(x)
+            torch.cuda.synchronize()
+            del x
+            torch.cuda.empty_cache()
+            return bs
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            bs //= 2
+    return 1
+
+
+def default_workers(device: str) -> int:
+    n = os.cpu_count() or 1
+    if device == "cpu":
+        # decode is cheap next to the forward pass on CPU; one worker keeps it off the model's threads
+        return 1 if n <= 4 else min(4, n // 4)
+    return min(16, n)
+
+
+def embed_items(
+    backbone: Backbone,
+    items: Sequence[tuple[int, str]],
+    *,
+    device: str = "cpu",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    stats: EmbedStats | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+    """Yield (ids, vectors (B,D) float32 L2-normalised, [(id, error)]) per batch, in input order."""
+    stats = stats if stats is not None else EmbedStats()
+    cuda = device.startswith("cuda")
+    amp_dtype = None
+    if cuda:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        backbone.image_model.to(memory_format=torch.channels_last)
+        batch_size = batch_size or autotune_cuda_batch(backbone, device, amp_dtype=amp_dtype)
+    else:
+        backbone.image_model.to(memory_format=torch.channels_last)
+        batch_size = batch_size or CPU_BATCH
+    if workers is None:
+        # starting worker processes costs seconds; small batches of work decode in-process
+        workers = default_workers(device) if len(items) > 4 * batch_size else 0
+    stats.batch_size, stats.device = batch_size, device
+    if not items:
+        return
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(items, backbone.preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=cuda,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        # LanceDB's async runtime is not fork-safe: workers start from a clean forkserver process
+        multiprocessing_context=_mp_context() if workers else None,
+    )
+    t0 = time.perf_counter()
+    for ids, x, bad in loader:
+        vecs = np.zeros((0, backbone.dim), np.float32)
+        if x is not None:
+            x = x.to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
+            if cuda:
+                with torch.autocast("cuda", dtype=amp_dtype):
+                    vecs = backbone.forward(x).cpu().numpy()
+            else:
+                vecs = backbone.forward(x).numpy()
+        stats.embedded += len(ids)
+        stats.failed += len(bad)
+        stats.seconds = time.perf_counter() - t0
+        if progress:
+            progress(len(ids) + len(bad))
+        yield ids.numpy(), vecs.astype(np.float32, copy=False), bad
+
+
+def gpu_decode_batch(datas: Sequence[bytes], pre: PreprocessCfg, device: str) -> torch.Tensor:
+    """Decode JPEG bytes with nvJPEG (torchvision.io.decode_jpeg on `device`), resize, crop, normalise.
+
+    Works on CPU too (device='cpu'), which is how it is tested without a GPU.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    imgs = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    size = pre.input_size[-1]
+    mean = torch.tensor(pre.mean, device=device).view(3, 1, 1)
+    std = torch.tensor(pre.std, device=device).view(3, 1, 1)
+    out = []
+    for im in imgs:
+        im = F.resize(im, pre.resize_size, antialias=True)
+        im = F.center_crop(im, [size, size])
+        out.append((im.float() / 255.0 - mean) / std)
+    return torch.stack(out)
+
+
+def list_image_files(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """Expand files and folders (recursively) into absolute image paths; also return missing paths.
+
+    Files named explicitly are always tried (a bad one is recorded as an error); inside folders only
+    files with image extensions are taken.
+    """
+    from pathlib import Path
+
+    files: list[str] = []
+    missing: list[str] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            for q in sorted(p.rglob("*")):
+                if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS and not any(
+                    part.startswith(".") for part in q.relative_to(p).parts
+                ):
+                    files.append(str(q.resolve()))
+        elif p.is_file():
+            files.append(str(p.resolve()))
+        else:
+            missing.append(str(p))
+    seen: set[str] = set()
+    return [f for f in files if not (f in seen or seen.add(f))], missing

@@ -1,0 +1,5 @@
+"""Placeholder: filled by its stage."""
+
+
+class LoopMixin:
+    pass
