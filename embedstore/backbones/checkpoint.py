@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BackboneLoadError
+from ..errors import BackboneLoadError, EmbedstoreError
 
 OFFLINE_HINT = (
     "no network? pass a local checkpoint with --weights FILE, or use the offline backbone "
@@ -57,7 +57,7 @@ def download_errors(name: str):
     """Turn hub/network failures into one line naming --weights and the offline backbone."""
     try:
         yield
-    except BackboneLoadError:
+    except EmbedstoreError:  # ours already (e.g. an unknown timm model): not a download failure
         raise
     except (OSError, RuntimeError, ValueError, ConnectionError) as e:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__

@@ -1,0 +1,251 @@
+"""What every page shares: the cached store, cached tables, the paged thumbnail grid, safe writes.
+
+Caching: the Store (with its loaded backbone and FAISS index) is a `st.cache_resource`, one per process.
+Tables are `st.cache_data` keyed on the LanceDB table's version, so a rerun reads nothing from disk
+unless a table changed (a write by this UI or by the CLI bumps the version and the next rerun sees it).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+import embedstore
+from embedstore.errors import EmbedstoreError
+
+from . import thumbs
+
+UNKNOWN = "(unknown)"  # the bucket of images the heads abstained on
+NEW_CLASS = "➕ new class…"
+
+
+# ---- the store ----------------------------------------------------------------------------------
+@st.cache_resource(show_spinner="Opening store…")
+def open_store(path: str):
+    return embedstore.open(path, create=False, lock_timeout=10.0)
+
+
+@st.cache_resource
+def _write_mutex(root: str) -> threading.Lock:
+    # Streamlit serves every browser tab from threads of one process sharing one Store object; the
+    # store's file lock is re-entrant per object, so writes from two tabs are serialised here first.
+    return threading.Lock()
+
+
+@contextmanager
+def writing(store):
+    with _write_mutex(str(store.root)):
+        yield
+
+
+def run_write(store, fn: Callable, *args, **kw):
+    """Run a store write; a library error is shown as one line instead of a traceback. None on error."""
+    try:
+        with writing(store):
+            return fn(*args, **kw)
+    except EmbedstoreError as e:
+        st.error(str(e))
+        return None
+
+
+def call(store, method: str, *args, default=None, **kw):
+    """Call a store API method; an EmbedstoreError (e.g. 'no labels yet') becomes an info line."""
+    fn = getattr(store, method, None)
+    if fn is None:
+        return default
+    try:
+        return fn(*args, **kw)
+    except EmbedstoreError as e:
+        st.info(str(e))
+        return default
+
+
+def has(store, *methods: str) -> bool:
+    return all(callable(getattr(store, m, None)) for m in methods)
+
+
+def needs(store, *methods: str, stage: str) -> bool:
+    """True when the API is there; otherwise says which stage brings it (the page degrades, never fails)."""
+    missing = [m for m in methods if not callable(getattr(store, m, None))]
+    if missing:
+        st.info(f"This part needs `store.{missing[0]}()`, which comes with the {stage} stage of embedstore.")
+    return not missing
+
+
+# ---- cached tables (keyed on LanceDB table versions) ---------------------------------------------
+def table_version(store, name: str) -> int:
+    t = store.table(name)
+    return -1 if t is None else int(t.version)
+
+
+def vectors_key(store) -> tuple[str, int]:
+    return store.active_version, table_version(store, f"vectors_{store.active_version}")
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _ids(root: str, key: tuple, _store) -> np.ndarray:
+    vt = _store.vectors_table()
+    if vt is None:
+        return np.zeros(0, np.int64)
+    ids = vt.search().select(["id"]).limit(None).to_arrow().column("id").to_numpy()
+    return np.sort(ids)
+
+
+def image_ids(store) -> np.ndarray:
+    """Sorted ids of every image with a vector in the active version (ids only: 8 bytes an image)."""
+    return _ids(str(store.root), vectors_key(store), store)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _labels(root: str, key: int, _store) -> dict[int, str]:
+    return {int(k): v for k, v in (_store.labels(source=None) or {}).items()}
+
+
+def labels(store) -> dict[int, str]:
+    """id -> label, human or accepted (empty until the labeling stage exists or before any label)."""
+    if not has(store, "labels"):
+        return {}
+    return _labels(str(store.root), table_version(store, "labels"), store)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _classes(root: str, key: tuple, _store) -> list[str]:
+    return list(_store.classes())
+
+
+def classes(store) -> list[str]:
+    if not has(store, "classes"):
+        return sorted(set(labels(store).values()))
+    return _classes(str(store.root), (table_version(store, "labels"), table_version(store, "predictions")), store)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _predictions(root: str, key: int, _store) -> pd.DataFrame:
+    t = _store.predictions()
+    if t is None or t.num_rows == 0:
+        return pd.DataFrame(columns=["id", "label", "confidence", "head"])
+    df = t.to_pandas()
+    return df.drop_duplicates("id", keep="last").set_index("id", drop=False)
+
+
+def predictions(store) -> pd.DataFrame:
+    """One row per image: id (also the index), label (None = abstained), confidence, head."""
+    if not has(store, "predictions"):
+        return pd.DataFrame(columns=["id", "label", "confidence", "head"])
+    return _predictions(str(store.root), table_version(store, "predictions"), store)
+
+
+def annotate(store, ids: Sequence[int]) -> tuple[list, list]:
+    """(human labels, predicted labels) for these ids, from the cached tables."""
+    lab, pred = labels(store), predictions(store)
+    plab = pred["label"].to_dict() if len(pred) else {}
+    return [lab.get(int(i)) for i in ids], [plab.get(int(i)) for i in ids]
+
+
+def describe(label, prediction, confidence=None) -> str:
+    if label:
+        return f"🏷 {label}"
+    if prediction:
+        return f"≈ {prediction}" + (f" ({confidence:.2f})" if confidence is not None else "")
+    return ""
+
+
+# ---- navigation -----------------------------------------------------------------------------------
+def show_neighbours(id_: int) -> None:
+    """Button callback: open the Search page on this image's neighbours."""
+    st.session_state["nav"] = "Search"
+    st.session_state["search_query"] = {"id": int(id_)}
+
+
+# ---- widgets ----------------------------------------------------------------------------------------
+def pager(n: int, key: str, per_page: int) -> slice:
+    pages = max(1, -(-n // per_page))
+    if pages == 1:
+        return slice(0, n)
+    c1, c2 = st.columns([1, 4])
+    page = c1.number_input("page", 1, pages, 1, key=f"{key}_page", label_visibility="collapsed")
+    lo = (int(page) - 1) * per_page
+    c2.caption(f"page {page} of {pages} · images {lo + 1}–{min(n, lo + per_page)} of {n:,}")
+    return slice(lo, min(n, lo + per_page))
+
+
+def selected_ids(key: str, ids: Iterable[int]) -> list[int]:
+    return [int(i) for i in ids if st.session_state.get(f"{key}_sel_{int(i)}")]
+
+
+def _set_all(key: str, ids: list[int], value: bool) -> None:
+    for i in ids:
+        st.session_state[f"{key}_sel_{i}"] = value
+
+
+def select_buttons(key: str, ids: Sequence[int]) -> None:
+    c1, c2, _ = st.columns([1, 1, 4])
+    ids = [int(i) for i in ids]
+    c1.button("Select all", key=f"{key}_all", on_click=_set_all, args=(key, ids, True))
+    c2.button("Clear", key=f"{key}_none", on_click=_set_all, args=(key, ids, False))
+
+
+def grid(
+    store,
+    items: Sequence[dict],
+    key: str,
+    *,
+    cols: int = 6,
+    selectable: bool = False,
+    neighbours: bool = True,
+    extra: tuple[str, Callable[[int], None]] | None = None,
+) -> None:
+    """Thumbnails with captions; per tile an optional checkbox, a neighbours button and one extra button.
+
+    items: dicts with "id" and "caption".
+    """
+    if not items:
+        st.caption("nothing to show")
+        return
+    files = thumbs.thumbnails(store, [it["id"] for it in items])
+    for row in range(0, len(items), cols):
+        columns = st.columns(cols)
+        for col, it in zip(columns, items[row : row + cols]):
+            i = int(it["id"])
+            with col:
+                path = files.get(i)
+                if path is not None:
+                    st.image(str(path), caption=it.get("caption") or f"#{i}", width="stretch")
+                else:
+                    st.warning(f"#{i}: image unreadable")
+                if selectable:
+                    st.checkbox("select", key=f"{key}_sel_{i}")
+                b1, b2 = st.columns(2) if extra else (st.container(), None)
+                if neighbours:
+                    b1.button("similar", key=f"{key}_nb_{i}", on_click=show_neighbours, args=(i,),
+                              help="show this image's nearest neighbours")
+                if extra:
+                    b2.button(extra[0], key=f"{key}_x_{i}", on_click=extra[1], args=(i,))
+
+
+def class_picker(store, key: str, label: str = "class") -> str | None:
+    """Pick an existing class or type a new one; None until something is chosen."""
+    opts = classes(store) + [NEW_CLASS]
+    choice = st.selectbox(label, opts, key=f"{key}_class", index=None if len(opts) > 1 else 0,
+                          placeholder="choose a class")
+    if choice == NEW_CLASS:
+        name = st.text_input("new class name", key=f"{key}_new").strip()
+        return name or None
+    return choice
+
+
+def refresh_predictions(store) -> None:
+    """Re-run the few-shot heads over the store (no retraining step: heads fit in seconds)."""
+    if not has(store, "classify") or len(classes(store)) < 1:
+        return
+    with st.spinner("updating predictions…"):
+        try:
+            with writing(store):
+                store.classify()
+        except EmbedstoreError as e:
+            st.info(f"predictions not updated: {e}")

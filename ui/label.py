@@ -1,0 +1,83 @@
+"""Label: the `suggest` batch as a grid; pick or type a class for the selected images; saved at once.
+
+After each save the heads re-run (`store.classify()`, seconds, no training step), so predictions and
+the next suggestion batch reflect the new labels straight away.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from . import common
+
+
+def _new_batch(store, n: int) -> None:
+    st.session_state["label_batch"] = None
+    st.session_state["label_n"] = n
+
+
+def _batch(store, n: int) -> list[dict]:
+    b = st.session_state.get("label_batch")
+    if b is None:
+        with st.spinner("choosing images to label…"):
+            b = common.call(store, "suggest", n, default=None)
+        if b is None:  # no suggestions possible yet: the first unlabeled images
+            lab = common.labels(store)
+            b = [{"id": int(i), "reason": "unlabeled"} for i in common.image_ids(store) if int(i) not in lab][:n]
+        st.session_state["label_batch"] = b
+    return b
+
+
+def _save(store, ids: list[int], cls: str) -> None:
+    res = common.run_write(store, store.label, ids, cls)
+    if res is None:
+        return
+    for i in ids:
+        st.session_state.pop(f"label_sel_{i}", None)
+    st.session_state["label_msg"] = f"labeled {len(ids)} image(s) as “{cls}”"
+    if st.session_state.get("label_refresh", True):
+        common.refresh_predictions(store)
+    st.session_state["label_batch"] = None  # the next batch takes the new labels into account
+    st.rerun()
+
+
+def render(store) -> None:
+    st.header("Label")
+    if not common.needs(store, "label", "classes", stage="labeling"):
+        return
+    if msg := st.session_state.pop("label_msg", None):
+        st.success(msg)
+    counts = {}
+    for c in common.labels(store).values():
+        counts[c] = counts.get(c, 0) + 1
+    if counts:
+        st.caption("labeled: " + " · ".join(f"**{c}** {n}" for c, n in sorted(counts.items())))
+    c1, c2, c3 = st.columns([1, 1, 2])
+    n = c1.number_input("batch size", 6, 96, st.session_state.get("label_n", 24), step=6, key="label_n_in")
+    c2.button("new batch", key="label_new", on_click=_new_batch, args=(store, int(n)))
+    c3.toggle("update predictions after each save", True, key="label_refresh")
+
+    batch = _batch(store, int(n))
+    if not batch:
+        st.info("every image is labeled 🎉")
+        return
+    ids = [int(b["id"]) for b in batch]
+    lab, pred = common.annotate(store, ids)
+    conf = common.predictions(store)["confidence"].to_dict()
+    items = []
+    for b, l, p in zip(batch, lab, pred):
+        p = p or b.get("prediction")
+        why = b.get("reason", "")
+        items.append({"id": b["id"], "caption": f"#{b['id']} {common.describe(l, p, conf.get(b['id']))} · {why}".strip()})
+
+    with st.container(border=True):
+        cc1, cc2 = st.columns([2, 1])
+        with cc1:
+            cls = common.class_picker(store, "label")
+        chosen = common.selected_ids("label", ids)
+        cc2.write("")
+        if cc2.button(f"label {len(chosen)} selected", key="label_save", type="primary",
+                      disabled=not (chosen and cls)):
+            _save(store, chosen, cls)
+    common.select_buttons("label", ids)
+    common.grid(store, items, "label", selectable=True)
