@@ -373,12 +373,12 @@ class LabelMixin:
         ]
         data = pa.Table.from_pylist(rows, schema=PREDICTIONS_SCHEMA)
         with self.write_lock():
-            if replace_all or self.table("predictions") is None:
-                self.db.create_table("predictions", data=data, schema=PREDICTIONS_SCHEMA, mode="overwrite")
-                return
-            t = self.table("predictions")
-            for chunk in _chunks([r["id"] for r in rows]):
-                t.delete(_id_pred(chunk))
+            t = self.table("predictions", PREDICTIONS_SCHEMA)
+            if replace_all:
+                t.delete("true")
+            else:
+                for chunk in _chunks([r["id"] for r in rows]):
+                    t.delete(_id_pred(chunk))
             if rows:
                 t.add(data)
 

@@ -179,7 +179,9 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
             raise StoreNotFoundError(f"no store at {root}; create one with: embedstore add {path} IMAGES...")
         name = backbone or DEFAULT_BACKBONE
         parse_name(name)  # fail on a bad name before touching the disk
-        bb = load_backbone(name, weights, device="cpu")
+        from .embed import resolve_device
+
+        bb = load_backbone(name, weights, device=resolve_device(device))
         root.mkdir(parents=True, exist_ok=True)
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -309,7 +311,7 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
         """The active version's backbone, loaded on first use (info() never loads a model)."""
         if self._backbone is None or self._backbone.version != self.active_version:
             info = self.version_info()
-            bb = load_backbone(info["name"], info.get("weights"), device=self.device)
+            bb = load_backbone(info["name"], self._weights_file(info), device=self.device)
             if bb.version != self.active_version:
                 raise BackboneMismatchError(
                     f"backbone {info['name']} now loads as version {bb.version}, but the store's vectors are "
@@ -454,7 +456,12 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
 
     def _load_version(self, version: str) -> Backbone:
         info = self.version_info(version)
-        return load_backbone(info["name"], info.get("weights"), device=self.device)
+        return load_backbone(info["name"], self._weights_file(info), device=self.device)
+
+    def _weights_file(self, info: dict) -> str | None:
+        """A version's weights file; relative paths (fine-tuned versions, STORE/models/) are inside the store."""
+        w = info.get("weights")
+        return str(self.root / w) if w and not os.path.isabs(w) else w
 
     def _record_error(self, path: str, error: str, hash_: str | None) -> None:
         t = self.table("errors", ERRORS_SCHEMA)
@@ -473,6 +480,9 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
             self.table("images").optimize()
         except Exception:  # compaction is an optimisation only
             pass
+        hook = getattr(super(), "_after_vectors_changed", None)  # the mixins' hooks (Store comes first in the MRO)
+        if hook is not None:
+            hook()
 
     # ---- removing ------------------------------------------------------------------------
     def remove(self, ids: Sequence[int] | None = None, paths: Sequence[str] | None = None) -> int:

@@ -63,6 +63,9 @@ def call(store, method: str, *args, default=None, **kw):
     except EmbedstoreError as e:
         st.info(str(e))
         return default
+    except ImportError as e:  # the method is declared but its stage's module has not landed yet
+        st.info(f"`store.{method}()` is not available yet ({e})")
+        return default
 
 
 def has(store, *methods: str) -> bool:
@@ -231,10 +234,10 @@ def grid(
 def class_picker(store, key: str, label: str = "class") -> str | None:
     """Pick an existing class or type a new one; None until something is chosen."""
     opts = classes(store) + [NEW_CLASS]
-    choice = st.selectbox(label, opts, key=f"{key}_class", index=None if len(opts) > 1 else 0,
+    choice = st.selectbox(label, opts, key=f"{key}_cls", index=None if len(opts) > 1 else 0,
                           placeholder="choose a class")
     if choice == NEW_CLASS:
-        name = st.text_input("new class name", key=f"{key}_new").strip()
+        name = st.text_input("new class name", key=f"{key}_newcls").strip()
         return name or None
     return choice
 

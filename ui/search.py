@@ -64,9 +64,30 @@ def _query_view(store, q: dict) -> None:
         st.markdown(f"query: **“{q['text']}”**")
 
 
+def _sql_str(v: str) -> str:
+    return "'" + v.replace("'", "''") + "'"
+
+
+def _sql_in(column: str, values: set) -> str:
+    """`column IN (...)`, with the unknown bucket as IS NULL (values are class names from the store)."""
+    named = [_sql_str(v) for v in sorted(values) if v != common.UNKNOWN]
+    parts = []
+    if named:
+        parts.append(f"{column} IN ({', '.join(named)})")
+    if common.UNKNOWN in values:
+        parts.append(f"{column} IS NULL")
+    return "(" + " OR ".join(parts) + ")"
+
+
+def where_clause(f_lab: set, f_pred: set) -> str | None:
+    """The label/prediction filters as store.search's `where` (SQL over images + labels + predictions)."""
+    parts = [_sql_in(c, v) for c, v in (("label", f_lab), ("prediction", f_pred)) if v]
+    return " AND ".join(parts) or None
+
+
 @st.cache_data(max_entries=32, show_spinner=False)
-def _run_search(root: str, vkey: tuple, qkey: tuple, k: int, _store, _q: dict) -> list[dict]:
-    kw = {"k": k}
+def _run_search(root: str, vkey: tuple, tkey: tuple, qkey: tuple, k: int, where: str | None, _store, _q: dict) -> list[dict]:
+    kw = {"k": k, "where": where}
     if "image" in _q:
         kw["image"] = Image.open(io.BytesIO(_q["image"])).convert("RGB")
     elif "text" in _q:
@@ -78,27 +99,19 @@ def _run_search(root: str, vkey: tuple, qkey: tuple, k: int, _store, _q: dict) -
 
 def _results(store, q: dict, k: int, f_lab: set, f_pred: set) -> None:
     qkey = tuple(sorted((a, b) for a, b in q.items() if a != "image"))
-    # with filters on, fetch more and filter here, so k results survive the filter where possible
-    fetch = k * 5 if (f_lab or f_pred) else k
+    tkey = (common.table_version(store, "labels"), common.table_version(store, "predictions"))
     try:
         with st.spinner("searching…"):
-            hits = _run_search(str(store.root), common.vectors_key(store), qkey, fetch, store, q)
+            hits = _run_search(str(store.root), common.vectors_key(store), tkey, qkey, k, where_clause(f_lab, f_pred),
+                               store, q)
     except common.EmbedstoreError as e:
         st.error(str(e))
         return
-    lab, pred = common.annotate(store, [h["id"] for h in hits])
-    conf = common.predictions(store)
-    shown = []
-    for h, l, p in zip(hits, lab, pred):
-        l = h.get("label") or l
-        p = h.get("prediction") or p
-        if not _keep(l, p, f_lab, f_pred):
-            continue
-        c = conf["confidence"].get(h["id"]) if len(conf) and not l else None
-        shown.append({"id": h["id"], "caption": f"{h['score']:.3f} · #{h['id']} {common.describe(l, p, c)}"})
-        if len(shown) == k:
-            break
-    st.caption(f"{len(shown)} nearest images (cosine similarity)")
+    conf = common.predictions(store)["confidence"].to_dict()
+    shown = [{"id": h["id"], "caption": f"{h['score']:.3f} · #{h['id']} "
+              + common.describe(h.get("label"), h.get("prediction"), conf.get(h["id"]))} for h in hits]
+    what = "other images nearest to it" if "id" in q else "nearest images"
+    st.caption(f"{len(shown)} {what} (cosine similarity)" + (" matching the filters" if f_lab or f_pred else ""))
     common.grid(store, shown, "search_res")
 
 
