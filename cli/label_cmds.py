@@ -137,7 +137,7 @@ def register(app: typer.Typer) -> None:
         if show and preds:
             t = Table("id", "path", "label", "confidence", *(["nearest labeled"] if explain else []), title="least confident first")
             for p in preds[:show]:
-                extra = [", ".join(f"{e['label']} {e['similarity']:.2f}" for e in p.get("explain", []))] if explain else []
+                extra = [", ".join(f"{e['label']} {e['similarity']:.2f}" for e in p["explain"]["neighbors"])] if explain else []
                 t.add_row(str(p["id"]), p["path"], p["label"] or "[yellow]unknown[/]", f"{p['confidence']:.3f}", *extra)
             out.print(t)
         t = Table("class", "predicted", "mean confidence", title=f"head {res['chosen']} (asked: {res['head']})")

@@ -288,13 +288,13 @@ class LabelMixin:
 
     def fit_head(self, head: str = "auto", version: str | None = None, **kw):
         """Fit `head` on the labeled vectors; returns (head, VectorSet, labeled positions, unlabeled positions)."""
+        h = self.make_head(head, **kw)  # a bad head name fails before any reading
         vs, lab, y, unl = self._labeled_split(version)
         classes = sorted(set(y))
         if len(classes) < 2:
             raise EmptyInputError(
                 f"only one class ({classes[0]}) is labeled; label a few images of at least one more class"
             )
-        h = self.make_head(head, **kw)
         h.fit(vs.vectors[lab], y, unlabeled=vs.vectors[unl] if len(unl) else None)
         return h, vs, lab, unl
 
@@ -338,14 +338,7 @@ class LabelMixin:
             for i, c, p in zip(target, labels_out, conf)
         ]
         if explain and len(target):
-            neigh = _neighbors(vs.vectors[target], vs.vectors[lab], k_explain)
-            cur = self.labels(source=None)
-            y_lab = [cur[int(vs.ids[j])] for j in lab]
-            for row, (sims, idx) in zip(preds, zip(*neigh)):
-                row["explain"] = [
-                    {"id": int(vs.ids[lab[j]]), "path": vs.paths[lab[j]], "label": y_lab[j], "similarity": round(float(s), 4)}
-                    for s, j in zip(sims, idx)
-                ]
+            self._attach_explanations(preds, vs, lab, target, k_explain)
         if persist:
             self._write_predictions(preds, vs.version, replace_all=ids is None)
         per_class = {}
@@ -364,6 +357,25 @@ class LabelMixin:
             "unknown": sum(1 for p in preds if p["label"] is None),
             "seconds": round(time.perf_counter() - t0, 4),
         }
+
+    def _attach_explanations(self, preds: list[dict], vs, lab: np.ndarray, target: np.ndarray, k: int) -> None:
+        """preds[i]["explain"] = {neighbors: k nearest labeled examples, prompt_scores (CLIP only)}."""
+        cur = self.labels(source=None)
+        sims, idx = _neighbors(vs.vectors[target], vs.vectors[lab], k)
+        classes = sorted(set(cur[int(i)] for i in vs.ids[lab]))
+        T = None
+        if self.has_text:
+            from .heads.zeroshot import TEMPLATES, text_prototypes
+
+            T = text_prototypes(self.backbone.embed_texts, classes, TEMPLATES)
+        for r, row_s, row_i, t in zip(preds, sims, idx, target):
+            neighbors = [
+                {"id": int(vs.ids[lab[j]]), "path": vs.paths[lab[j]], "label": cur[int(vs.ids[lab[j]])], "similarity": round(float(s), 4)}
+                for s, j in zip(row_s, row_i)
+            ]
+            r["explain"] = {"neighbors": neighbors}
+            if T is not None:
+                r["explain"]["prompt_scores"] = {c: round(float(v), 4) for c, v in zip(classes, T @ vs.vectors[t])}
 
     def _write_predictions(self, preds: list[dict], version: str, replace_all: bool) -> None:
         now = _now()
@@ -439,15 +451,9 @@ class LabelMixin:
 
     def _prompt_scores(self, x: np.ndarray, classes: list[str]) -> dict[str, dict]:
         """Cosine of the image to each class's prompt-ensemble text embedding, and their softmax."""
-        try:
-            from .heads.zeroshot import class_text_embeddings  # the zero-shot head's prompt ensemble
-        except ImportError:
-            class_text_embeddings = None
-        if class_text_embeddings is not None:
-            T = np.asarray(class_text_embeddings(self.backbone.embed_texts, classes), np.float32)
-        else:
-            T = np.asarray(self.backbone.embed_texts([f"a photo of a {c}." for c in classes]), np.float32)
-            T /= np.linalg.norm(T, axis=1, keepdims=True) + 1e-12
+        from .heads.zeroshot import TEMPLATES, text_prototypes  # the zero-shot head's prompt ensemble
+
+        T = text_prototypes(self.backbone.embed_texts, classes, TEMPLATES)
         s = T @ x
         p = np.exp(100 * (s - s.max()))
         p /= p.sum()

@@ -17,6 +17,8 @@ or growth past the size where another index type is chosen, means a rebuild from
 from __future__ import annotations
 
 import datetime as dt
+import os
+import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from . import index as fx
-from .errors import EmbedstoreError, EmptyInputError, InvalidArgumentError, NotSupportedError, StoreLockedError
+from .errors import EmptyInputError, InvalidArgumentError, NotSupportedError, StoreLockedError
 
 EXACT_FILTER_MAX = 20_000  # filtered queries over at most this many allowed ids are answered exactly
 REBUILD_PENDING = 0.5  # rebuild instead of adding when new vectors exceed this fraction of the index
@@ -46,6 +48,7 @@ class IndexState:
     lance_version: int
     version: str
     gpu_index: object | None = None
+    stamp: tuple | None = None
     _excl_sel: object | None = field(default=None, repr=False)
 
     def search(self, Q: np.ndarray, k: int, allowed: np.ndarray | None = None, boost: float = 1.0):
@@ -210,12 +213,16 @@ class SearchMixin:
 
     def _index_state(self, build_missing: bool = True) -> IndexState | None:
         """The index of the active version, in step with its vectors table (loaded, updated or rebuilt)."""
+        st = self.__dict__.get("_idx_state")
+        stamp = self._table_stamp()
+        if st is not None and stamp is not None and st.stamp == stamp and st.version == self.active_version:
+            return st  # the table's version directory is untouched: nothing changed (the fast path)
         vt = self.vectors_table()
         if vt is None:
             raise EmptyInputError(f"store {self.root} has no vectors to search; add images first: embedstore add STORE IMAGES...")
         lv = vt.version
-        st = self.__dict__.get("_idx_state")
         if st is not None and st.version == self.active_version and st.lance_version == lv:
+            st.stamp = stamp
             return st
         if st is None or st.version != self.active_version:
             st = self._load_state()
@@ -227,8 +234,23 @@ class SearchMixin:
             st = self._rebuild(vt, factory=None, gpu=self._want_gpu(None), progress=False, reason="missing")
         elif st.lance_version != lv:
             st = self._catch_up(st, vt, lv)
+        st.stamp = stamp if st.lance_version == lv else None
         self.__dict__["_idx_state"] = st
         return st
+
+    def _table_stamp(self) -> tuple | None:
+        """(inode, mtime) of the vectors table's _versions directory: every LanceDB commit adds a file there.
+
+        None (always check the table version) when missing or changed in the last 2 seconds, so coarse
+        file-system clocks cannot hide a commit.
+        """
+        try:
+            s = os.stat(self.root / "lance" / f"vectors_{self.active_version}.lance" / "_versions")
+        except OSError:
+            return None
+        if time.time_ns() - s.st_mtime_ns < 2_000_000_000:
+            return None
+        return (s.st_ino, s.st_mtime_ns)
 
     def _load_state(self) -> IndexState | None:
         path = self._index_path()

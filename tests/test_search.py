@@ -127,7 +127,7 @@ def test_hnsw_deletions_are_filtered_and_persisted(photo_store):
     m = _meta(s)
     assert sorted(m["deleted"]) == sorted([int(ids[3]), int(ids[4])]) and m["factory"] == "HNSW16,Flat"
     for store in (s, embedstore.open(s.root, create=False)):
-        S, I = store.search_vectors(X[3:5], k=78)
+        S, I = store.search_vectors(X[3:5], k=10)
         assert not np.isin(I, ids[3:5]).any() and (I >= 0).all()
         assert store.info()["index"]["vectors"] == 78
 
@@ -139,9 +139,10 @@ def test_changes_from_another_process_are_seen(photo_store, photo_dir, tmp_path)
     new = _new_images(photo_dir, tmp_path / "other", 2)
     other.add(new, progress=False)
     other.remove(ids=[7])
-    assert s.search(image=new[1], k=1)[0]["path"] == new[1]
-    _, I = s.search_vectors(s.vectors().vectors, k=90)
-    assert 7 not in I
+    ids, paths, X = other.vectors()
+    _, I = s.search_vectors(X, k=90)  # s never saw these changes happen
+    np.testing.assert_array_equal(I[:, 0], ids)
+    assert 7 not in I and {p for p in paths} >= set(new)
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "garbage", "sidecar", "stale"])
@@ -175,12 +176,12 @@ def test_empty_store_and_growth_switches_index_type(photo_store, monkeypatch):
     monkeypatch.setattr(fx, "FLAT_MAX", 50)  # pretend 80 images is a big store
     monkeypatch.setattr(fx, "HNSW_MAX", 10_000)
     ids, _, X = s.vectors()
-    s.remove(ids=ids[60:])
+    s.remove(ids=ids[60:].tolist())
     assert s.build_index(progress=False)["factory"] == "HNSW32,Flat"
-    s.remove(ids=ids[:59])  # 1 left: auto choice falls back to exact
+    s.remove(ids=ids[:59].tolist())  # 1 left: auto choice falls back to exact
     assert s.search_vectors(X[59], k=3)[1][0].tolist() == [ids[59], -1, -1]
     assert _meta(s)["factory"] == "Flat"
-    s.remove(ids=ids[59:60])
+    s.remove(ids=[int(ids[59])])
     with pytest.raises(EmptyInputError, match="add images first"):
         s.search(id=0)
 

@@ -67,7 +67,7 @@ def render(store) -> None:
     items = []
     for b, l, p in zip(batch, lab, pred):
         p = p or b.get("prediction")
-        why = b.get("reason", "")
+        why = (b.get("reason") or "").split(" (")[0]
         items.append({"id": b["id"], "caption": f"#{b['id']} {common.describe(l, p, conf.get(b['id']))} · {why}".strip()})
 
     with st.container(border=True):

@@ -15,7 +15,7 @@ def _versions(store) -> pd.DataFrame:
         rows = [{"version": v, **{k: d.get(k) for k in ("name", "dim", "created", "parent")}}
                 for v, d in store.manifest["versions"].items()]
     df = pd.DataFrame(rows)
-    if "version" in df:
+    if "version" in df and "active" not in df:
         df.insert(0, "active", df["version"] == store.active_version)
     return df
 
@@ -28,7 +28,7 @@ def _learning_curve(store) -> None:
     rows = []
     for run in hist:
         for r in _curve_rows(run):
-            rows.append({**r, "run": str(run.get("run", run.get("id", ""))), "version": run.get("version", "")})
+            rows.append({**r, "run": str(run.get("run_id", "")), "version": run.get("version", "")})
     if not rows:
         st.caption("no evaluation yet: run `embedstore eval STORE` or use the Review page")
         return
@@ -42,15 +42,15 @@ def _learning_curve(store) -> None:
                   title=f"learning curve (latest run, version {last['version'].iloc[0]})")
     fig.update_xaxes(type="log")
     st.plotly_chart(fig, width="stretch")
-    runs = pd.DataFrame([{k: run.get(k) for k in ("run", "time", "version", "n_labels", "n_classes", "best_head", "accuracy")}
-                         for run in hist]).dropna(axis=1, how="all")
+    runs = pd.DataFrame([{k: run.get(k) for k in ("run_id", "time", "version", "n_labels", "n_classes", "best_head",
+                                                  "best_accuracy")} for run in hist]).dropna(axis=1, how="all")
     st.dataframe(runs, width="stretch", hide_index=True)
 
 
 def _curve_rows(run: dict) -> list[dict]:
     """(head, shots, accuracy, std) rows from one stored eval run, whatever nesting evaluate.py used."""
-    res = run.get("results", run)
-    curves = res.get("curves") or res.get("heads") or {}
+    res = run.get("results", run)  # evaluate.py: results.heads = {head: {shots: {mean, std, episodes}}}
+    curves = res.get("heads") or res.get("curves") or {}
     out = []
     if isinstance(curves, dict):
         for head, pts in curves.items():

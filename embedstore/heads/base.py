@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,24 @@ def abstain(P: np.ndarray, threshold: float | None = None, classes: list[str] | 
     if classes is None:
         return idx
     return [classes[i] if i >= 0 else None for i in idx]
+
+
+@contextmanager
+def few_threads(enable: bool = True):
+    """One BLAS/torch thread for small problems: thread start-up and contention cost more than they save."""
+    if not enable:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- the interface
@@ -168,35 +187,70 @@ class Head(ABC):
         self._check_fitted()
         self.classes.append(name)
 
-    def save(self, path: str | Path) -> None:
+    def fit_calibrated(self, X, y, unlabeled=None, n_splits: int = 5, seed: int = 0) -> "Head":
+        """fit(), then temperature scaling on out-of-fold predictions (needs >= 2 labels per class)."""
+        from .calibrate import calibrate
+
+        self.fit(X, y, unlabeled)
+        calibrate(self, X, y, unlabeled, n_splits=n_splits, seed=seed)
+        return self
+
+    def cv_logits(self, X, y, unlabeled=None, folds=None) -> np.ndarray:
+        """Out-of-fold logits (N, C) over `encode_labels(y)[0]`: each fold fitted on the other folds, with the
+        held-out vectors joining the unlabeled ones (transductive heads may use them, never their labels).
+        Classes absent from a fold's training part get -1e4."""
+        X = np.asarray(X, np.float32)
+        classes, yi = encode_labels(y)
+        y = np.asarray([str(c) for c in y], dtype=object)
+        out = np.full((len(X), len(classes)), -1e4, np.float32)
+        for tr, te in folds:
+            U = X[te] if unlabeled is None or len(unlabeled) == 0 else np.vstack([X[te], unlabeled])
+            h = self.clone().fit(X[tr], y[tr], U)
+            cols = [classes.index(c) for c in h.classes]
+            out[np.ix_(te, cols)] = h.logits(X[te])
+        return out
+
+    # -- persistence: one .npz with a JSON header
+    def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
         header = {
             "name": self.name,
             "params": self.get_params(),
             "classes": list(self.classes),
             "temperature": float(self.temperature),
         }
-        arrays = {f"a_{k}": v for k, v in self._arrays().items()}
+        arrays = {f"a_{k}": np.asarray(v) for k, v in self._arrays().items()}
         if self.mean is not None:
             arrays["mean"] = self.mean
+        return header, arrays
+
+    @staticmethod
+    def _from_state(header: dict, arrays: dict[str, np.ndarray]) -> "Head":
+        klass = HEADS.get(header["name"])
+        if klass is None:
+            raise InvalidArgumentError(f"unknown saved head '{header['name']}'; known: {sorted(HEADS)}")
+        head = klass._from_params(header["params"])
+        head.classes = list(header["classes"])
+        head.temperature = float(header["temperature"])
+        head.mean = arrays.get("mean")
+        head._set_arrays({k[2:]: v for k, v in arrays.items() if k.startswith("a_")})
+        return head
+
+    def save(self, path: str | Path) -> None:
+        header, arrays = self._state()
         with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare path
             np.savez(f, header=np.array(json.dumps(header)), **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "Head":
-        with np.load(path, allow_pickle=False) as z:
-            header = json.loads(str(z["header"]))
-            arrays = {k[2:]: z[k] for k in z.files if k.startswith("a_")}
-            mean = z["mean"] if "mean" in z.files else None
-        klass = HEADS.get(header["name"])
-        if klass is None:
-            raise InvalidArgumentError(f"'{path}' holds an unknown head '{header['name']}'; known: {sorted(HEADS)}")
-        if cls is not Head and not issubclass(klass, cls):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(str(z["header"]))
+                arrays = {k: z[k] for k in z.files if k != "header"}
+        except (OSError, ValueError, KeyError) as e:
+            raise InvalidArgumentError(f"'{path}' is not a saved head ({e}); save one with head.save(path)") from e
+        head = Head._from_state(header, arrays)
+        if cls is not Head and not isinstance(head, cls):
             raise InvalidArgumentError(f"'{path}' holds a '{header['name']}' head, not '{cls.name}'; use load_head()")
-        head = klass._from_params(header["params"])
-        head.classes = list(header["classes"])
-        head.temperature = float(header["temperature"])
-        head.mean = mean
-        head._set_arrays(arrays)
         return head
 
     @classmethod

@@ -1,0 +1,39 @@
+"""evaluate: seeded few-shot episodes over the labels, stored runs, history."""
+
+from __future__ import annotations
+
+import pytest
+
+from embedstore.errors import EmptyInputError, InvalidArgumentError
+
+
+def test_evaluate_stores_runs(photo_store, photo_dir):
+    photo_store.label_folders(photo_dir)  # 10 per class: shots 1..8
+    run = photo_store.evaluate(shots=(1, 2, 4, 8, 16), episodes=3, heads=["knn", "centroid"])
+    assert run["shots"] == [1, 2, 4, 8]  # 16 needs 17 labels per class
+    assert set(run["heads"]) == {"knn", "centroid"}
+    for h, curve in run["heads"].items():
+        assert set(curve) == {"1", "2", "4", "8"}
+        assert all(0 <= v["mean"] <= 1 and v["episodes"] == 3 for v in curve.values())
+        assert curve["8"]["mean"] >= 0.9
+    assert run["best_head"] in ("knn", "centroid") and run["best_shots"] == 8
+    assert run["n_labels"] == 80 and run["n_classes"] == 8
+    again = photo_store.evaluate(shots=(1, 2), episodes=3, heads=["knn", "centroid"])
+    assert again["heads"]["knn"]["1"] == run["heads"]["knn"]["1"]  # seeded
+    hist = photo_store.eval_history()
+    assert [h["run_id"] for h in hist] == [run["run_id"], again["run_id"]]
+    assert hist[0]["best_head"] == run["best_head"] and hist[0]["results"]["heads"] == run["heads"]
+    assert hist[0]["version"] == photo_store.active_version and hist[0]["n_labels"] == 80
+    assert photo_store.eval_history(version="other") == []
+
+
+def test_evaluate_needs_enough_labels(photo_store, photo_labels):
+    paths = sorted(photo_labels)
+    with pytest.raises(EmptyInputError, match="no labeled"):
+        photo_store.evaluate(heads=["knn"])
+    photo_store.label(paths[:3], photo_labels[paths[0]])
+    photo_store.label(paths[-1:], photo_labels[paths[-1]])
+    with pytest.raises(EmptyInputError, match="at least 2"):
+        photo_store.evaluate(heads=["knn"])
+    with pytest.raises(InvalidArgumentError, match="unknown head"):
+        photo_store.evaluate(heads=["nope"])

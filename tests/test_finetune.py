@@ -1,0 +1,211 @@
+"""A real fine-tune on CPU: packaged EfficientNet-Lite0 on scikit-learn digits (out of its ImageNet domain).
+
+One module-scoped run does the expensive part once: label 10 digits per class, start `finetune` in a
+subprocess, SIGKILL it while it re-embeds, check the old version is still active, rerun to finish. The
+tests then check what that run left: accuracy, counts, versions, rollback, search, info.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import embedstore
+from embedstore.cli.app import app
+from embedstore.finetune import FinetuneConfig, split_holdout, tail_names
+
+pytestmark = pytest.mark.slow
+
+SHOTS = 10
+TRAIN = {"epochs": 4, "holdout": 0.3}  # 7 train + 3 held-out labels per class
+
+CHILD = """
+import sys, embedstore, embedstore.store as st
+st.COMMIT_EVERY = 16  # commit often so the kill lands between commits
+embedstore.open(sys.argv[1], create=False).finetune(progress=False, epochs={epochs}, holdout={holdout})
+"""
+
+
+def unlabeled_centroid_accuracy(store, version, labels, truth):
+    ids, _, X = store.vectors(version)
+    lab = np.array([int(i) in labels for i in ids])
+    classes = sorted(set(labels.values()))
+    y = np.array([labels[int(i)] for i in ids[lab]])
+    C = np.stack([X[lab][y == c].mean(0) for c in classes])
+    C /= np.linalg.norm(C, axis=1, keepdims=True)
+    pred = np.array(classes)[(X[~lab] @ C.T).argmax(1)]
+    return float(np.mean(pred == np.array([truth[int(i)] for i in ids[~lab]])))
+
+
+def vector_count(root, version):
+    import lancedb
+
+    db = lancedb.connect(str(root / "lance"))
+    name = f"vectors_{version}"
+    names = db.list_tables()
+    names = list(getattr(names, "tables", names))
+    return db.open_table(name).count_rows() if name in names else 0
+
+
+@pytest.fixture(scope="module")
+def run(digits_store_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune") / "digits.es"
+    shutil.copytree(digits_store_path, root)
+    s = embedstore.open(root, create=False)
+    ids, paths, _ = s.vectors()
+    truth = {int(i): os.path.basename(os.path.dirname(p)) for i, p in zip(ids, paths)}
+    for c in sorted(set(truth.values())):
+        s.label([i for i in sorted(truth) if truth[i] == c][:SHOTS], c)
+    labels = s.labels()
+    old = s.active_version
+    n_images = s.count_images()
+
+    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(**TRAIN), str(root)])
+    partial, new, deadline = 0, None, time.monotonic() + 900
+    while proc.poll() is None and time.monotonic() < deadline:
+        m = json.loads((root / "manifest.json").read_text())
+        new = next((v for v, e in m["versions"].items() if e.get("status") == "embedding"), None)
+        if new and (partial := vector_count(root, new)) > 0:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    after_kill = json.loads((root / "manifest.json").read_text())
+
+    s = embedstore.open(root, create=False)
+    result = s.finetune(progress=False, **TRAIN)  # finds the unfinished version and completes it
+    return {
+        "root": root, "store": s, "old": old, "new": new, "partial": partial, "killed": proc.returncode,
+        "after_kill": after_kill, "result": result, "labels": labels, "truth": truth, "n_images": n_images,
+    }
+
+
+def test_kill_during_reembedding_leaves_old_version_active(run):
+    assert run["killed"] == -signal.SIGKILL
+    assert run["new"] is not None and 0 < run["partial"] < run["n_images"]
+    m = run["after_kill"]
+    assert m["active_version"] == run["old"]
+    assert m["versions"][run["new"]]["status"] == "embedding"
+    assert vector_count(run["root"], run["old"]) == run["n_images"]  # old version intact
+
+
+def test_rerun_finishes_the_job(run):
+    r = run["result"]
+    assert r["resumed"] is True and r["version"] == run["new"]
+    assert r["reembedded"] == run["n_images"] - run["partial"]  # only what the killed run had not committed
+    assert r["vectors"] == r["images"] == run["n_images"]  # every image re-embedded exactly once
+    assert run["store"].versions()[-1]["status"] == "ready"
+
+
+def test_finetune_raises_accuracy_over_frozen_backbone(run):
+    s, r = run["store"], run["result"]
+    before = unlabeled_centroid_accuracy(s, run["old"], run["labels"], run["truth"])
+    after = unlabeled_centroid_accuracy(s, run["new"], run["labels"], run["truth"])
+    print(f"unlabeled accuracy frozen {before:.3f} -> fine-tuned {after:.3f}; held-out {r['holdout']}")
+    assert after > before
+    assert r["status"] == "activated" and s.active_version == run["new"]
+    assert r["holdout"]["new"]["accuracy"] > r["holdout"]["parent"]["accuracy"]
+
+
+def test_weights_live_in_the_store_and_load_as_weights(run):
+    e = run["store"].version_info(run["new"])
+    assert e["weights"] == f"models/{run['new']}.pt" and e["parent"] == run["old"]
+    from embedstore.backbones import load_backbone
+
+    bb = load_backbone(e["name"], weights=str(run["root"] / e["weights"]))
+    assert bb.version == run["new"]
+
+
+def test_labels_never_change(run):
+    assert run["store"].labels() == run["labels"]
+
+
+def test_versions_json(run):
+    res = CliRunner().invoke(app, ["versions", str(run["root"]), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    by = {r["version"]: r for r in rows}
+    assert set(by) == {run["old"], run["new"]}
+    for r in rows:
+        assert {"version", "active", "created", "parent", "eval_accuracy"} <= set(r)
+    assert [r["version"] for r in rows if r["active"]] == [run["store"].active_version]
+    assert by[run["new"]]["parent"] == run["old"] and by[run["old"]]["parent"] is None
+    assert by[run["new"]]["holdout_accuracy"] is not None
+
+
+def test_use_rolls_back_and_old_version_is_searchable(run):
+    s, root = run["store"], run["root"]
+    res = CliRunner().invoke(app, ["use", str(root), run["old"][:6], "--json"])  # a unique prefix works
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["version"] == run["old"]
+    s = embedstore.open(root, create=False)
+    assert s.active_version == run["old"]
+    qid = next(iter(run["labels"]))
+    hits = s.search(id=qid, k=5)
+    assert len(hits) == 5 and qid not in [h["id"] for h in hits]
+    X = s.vectors().vectors
+    np.testing.assert_allclose(hits[0]["score"], float(np.max(np.delete(X @ X[qid], qid))), atol=1e-4)
+    info = s.info()
+    assert info["version"] == run["old"] and info["vectors"] == run["n_images"]
+    assert s.use(run["new"])["embedded"] == 0  # and forward again, nothing to embed
+    s = embedstore.open(root, create=False)
+    assert s.info()["version"] == run["new"] and s.info()["vectors"] == run["n_images"]
+    assert len(s.search(id=qid, k=3)) == 3
+
+
+def test_images_added_later_are_embedded_on_use(run, digits_dir, tmp_path):
+    from PIL import Image
+
+    s = run["store"]
+    extra = tmp_path / "extra.png"
+    Image.open(next(digits_dir.rglob("*.png"))).rotate(90).save(extra)
+    s.add([extra], progress=False)  # embedded by the active (new) version only
+    assert s.use(run["old"])["embedded"] == 1
+    assert s.use(run["new"])["embedded"] == 0
+    run["n_images"] += 1
+
+
+def test_prune_removes_an_inactive_version(run):
+    s = embedstore.open(run["root"], create=False)
+    assert s.active_version == run["new"]
+    d = s.prune(run["old"])
+    assert d["pruned"] == run["old"]
+    assert [v["version"] for v in s.versions()] == [run["new"]]
+    assert vector_count(run["root"], run["old"]) == 0
+    assert s.search(id=next(iter(run["labels"])), k=2)
+
+
+# ---- pieces, no training --------------------------------------------------------------------
+def test_split_holdout_is_stratified():
+    ids = list(range(30))
+    y = ["a"] * 10 + ["b"] * 10 + ["c"] * 10
+    tr, ho = split_holdout(ids, y, 0.3)
+    assert sorted(tr + ho) == ids and not set(tr) & set(ho)
+    assert [sum(1 for i in ho if y[i] == c) for c in "abc"] == [3, 3, 3]
+    assert split_holdout(ids, y, 0.3) == (tr, ho)  # seeded
+
+
+def test_tail_names_pick_the_last_blocks():
+    import timm
+
+    m = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    params, modules = tail_names(m, 1)
+    assert params[0].startswith("blocks.6.") and "conv_head.weight" in params
+    assert not any(p.startswith("blocks.5.") for p in params)
+    assert tail_names(m, 2)[0][0].startswith("blocks.5.")
+
+
+def test_bad_config():
+    from embedstore.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="holdout"):
+        FinetuneConfig(holdout=0.95).check()

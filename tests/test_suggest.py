@@ -1,0 +1,80 @@
+"""suggest: unlabeled, non-duplicate, diverse images; uncertainty and class balance with labels."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedstore.errors import InvalidArgumentError
+from embedstore.suggest import select
+
+
+def _groups(photo_labels):
+    g = defaultdict(list)
+    for p, c in sorted(photo_labels.items()):
+        g[c].append(p)
+    return g
+
+
+def _add_near_duplicate(store, path, tmp_path):
+    """Re-encode a stored image (new bytes, same picture) and add it: a near-identical vector."""
+    dup = tmp_path / "near_dup.jpg"
+    Image.open(path).save(dup, quality=70)
+    store.add([dup], progress=False)
+    ids, _ = store.resolve_items([path, dup])
+    vs = store.vectors(ids=ids)
+    assert float(vs.vectors[0] @ vs.vectors[1]) > 0.99
+    return set(ids)
+
+
+def test_suggest_without_labels_is_diverse_and_deduplicated(photo_store, photo_labels, tmp_path):
+    pair = _add_near_duplicate(photo_store, _groups(photo_labels)["coffee"][5], tmp_path)
+    res = photo_store.suggest(8)
+    ids = [r["id"] for r in res]
+    assert len(ids) == 8 == len(set(ids))
+    assert len(pair & set(ids)) <= 1
+    # 8 k-means++ picks out of 8 photo classes cover most of them
+    truth = {p: c for p, c in photo_labels.items()}
+    assert len({truth.get(r["path"], "dup") for r in res}) >= 5
+
+
+def test_suggest_with_labels(photo_store, photo_labels, tmp_path):
+    g = _groups(photo_labels)
+    for c in ("astronaut", "chelsea", "coffee"):
+        photo_store.label(g[c][:3], c)
+    photo_store.label(g["horse"][:1], "horse")  # a rare class
+    pair = _add_near_duplicate(photo_store, g["rocket"][4], tmp_path)
+    labeled = set(photo_store.labels())
+    res = photo_store.suggest(80)  # more than there are: every unlabeled non-duplicate at most once
+    ids = [r["id"] for r in res]
+    assert len(ids) == len(set(ids)) and not (set(ids) & labeled)
+    assert len(pair & set(ids)) == 1
+    n_unlabeled = photo_store.count_images() - len(labeled)
+    assert len(ids) == n_unlabeled - 1
+    for r in res:
+        assert set(r) >= {"id", "path", "score", "reason", "prediction", "margin"}
+    scores = [r["score"] for r in res[:5]]
+    assert scores[0] > 0
+    # the first picks are far from what is labeled: none of the three well-labeled classes leads
+    first = [photo_labels.get(r["path"]) for r in res[:5]]
+    assert sum(c in ("astronaut", "chelsea", "coffee") for c in first) <= 1
+    with pytest.raises(InvalidArgumentError):
+        photo_store.suggest(0)
+
+
+def test_select_prefers_uncertain_then_spreads():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 16)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    u = np.zeros(200, np.float32)
+    u[17] = 1.0
+    rows, parts = select(X, 5, uncertainty=u, weights={"uncertainty": 1.0, "diversity": 0.1, "balance": 0})
+    assert rows[0] == 17 and len(set(rows)) == 5
+    # pure coverage: each pick is the farthest from the ones before
+    rows, parts = select(X, 3, weights={"uncertainty": 0, "diversity": 1, "balance": 0})
+    sims = X[rows[2]] @ X[rows[:2]].T
+    others = np.max(X @ X[rows[:2]].T, axis=1)
+    assert sims.max() <= np.sort(others)[1] + 1e-6
