@@ -58,7 +58,10 @@ def register(app: typer.Typer) -> None:
         if json_:
             emit_json(d)
             return
-        rec = f", recall@10 {d['recall_at_10']:.3f} at {d['params']}" if d.get("recall_at_10") is not None else " (exact)"
+        if d.get("recall_at_10") is not None:
+            rec = f", recall@10 {d['recall_at_10']:.3f} at {d['params']}"
+        else:
+            rec = " (exact)" if d["kind"] == "flat" else f" at {d['params']} (too few vectors to measure recall)"
         secs = sum((d.get("seconds") or {}).values())
         out.print(
             f"indexed [bold]{d['vectors']}[/] vectors with {d['factory']}{rec} in {secs:.1f}s"

@@ -52,6 +52,8 @@ class FinetuneConfig:
     flip: bool = True
     logit_scale: float = 16.0
     label_smoothing: float = 0.1
+    cached_views: int = 4  # augmented views per image pushed once through the frozen prefix (0: no cache)
+    cache_limit_mb: int = 2048
     seed: int = 0
 
     def check(self) -> "FinetuneConfig":
@@ -193,6 +195,37 @@ def _lora_targets(model: nn.Module, module_names: Sequence[str]) -> list[str]:
     return out
 
 
+class _Tail(nn.Module):
+    """The rest of a timm EfficientNet/MobileNet-style model after its first `start` blocks."""
+
+    def __init__(self, model: nn.Module, start: int):
+        super().__init__()
+        self.model, self.start = model, start
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        for b in m.blocks[self.start :]:
+            h = b(h)
+        return m.forward_head(m.bn2(m.conv_head(h)))
+
+
+def split_frozen_prefix(model: nn.Module, n_blocks: int):
+    """(prefix, tail) for models whose forward is conv_stem -> bn1 -> blocks -> conv_head -> bn2 -> head
+    (timm EfficientNet, MobileNet): the frozen prefix's output can be cached; None for other models."""
+    needed = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
+    if not all(hasattr(model, a) for a in needed) or not isinstance(model.blocks, nn.Sequential):
+        return None
+    start = max(0, len(model.blocks) - n_blocks)
+
+    def prefix(x: torch.Tensor) -> torch.Tensor:
+        h = model.bn1(model.conv_stem(x))
+        for b in model.blocks[:start]:
+            h = b(h)
+        return h
+
+    return prefix, _Tail(model, start)
+
+
 class _CosineHead(nn.Module):
     def __init__(self, centroids: torch.Tensor, scale: float):
         super().__init__()
@@ -284,7 +317,8 @@ def train_backbone(
     )
     train_tf, eval_tf = _transforms(bb, cfg)
     bs = cfg.batch_size
-    train_loader = _loader([by_id[i] for i in train_ids], train_tf, bb.preprocess, bs, True, device, cfg.seed)
+    train_items = [by_id[i] for i in train_ids]
+    train_loader = _loader(train_items, train_tf, bb.preprocess, bs, True, device, cfg.seed)
     hold_loader = _loader([by_id[i] for i in hold_ids], eval_tf, bb.preprocess, bs, False, device, cfg.seed)
     steps = cfg.epochs * len(train_loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -296,16 +330,58 @@ def train_backbone(
     def to_dev(x):
         return x.to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
 
-    def forward(x):
+    def run(fn, x):
         with torch.autocast("cuda", dtype=amp_dtype, enabled=cuda):
-            return net(x)
+            return fn(x)
+
+    # the frozen prefix's output is cached for a few augmented views: later epochs run only the tail
+    split = split_frozen_prefix(model, cfg.blocks) if cfg.method != "full" and cfg.cached_views > 0 else None
+    views = min(cfg.epochs, cfg.cached_views)
+    if split is not None:
+        with torch.no_grad():
+            c, h, w = bb.preprocess.input_size
+            size = cfg.image_size or h
+            probe = split[0](torch.zeros(1, c, size, size, device=device).contiguous(memory_format=torch.channels_last))
+        if probe.numel() * 2 * (views * len(train_ids) + len(hold_ids)) > cfg.cache_limit_mb * 2**20:
+            split = None
+    if split is not None:
+        prefix, tail = split
+        fwd = tail
+        ytr = torch.tensor([by_id[i][1] for i in train_ids])
+
+        @torch.no_grad()
+        def encode(loader):
+            return torch.cat([run(prefix, to_dev(x)).to(torch.float16 if cuda else torch.float32) for x, _ in loader])
+
+        plain = _loader(train_items, train_tf, bb.preprocess, bs, False, device, cfg.seed)
+        cache = [encode(plain) for _ in range(views)]
+        hold_cache = encode(hold_loader)
+
+        def train_batches(epoch):
+            feats = cache[(epoch - 1) % views]
+            perm = torch.randperm(len(ytr))
+            for i in range(0, len(perm), bs):
+                idx = perm[i : i + bs]
+                yield feats[idx.to(feats.device)].float(), ytr[idx]
+
+        def hold_batches():
+            for i in range(0, len(hold_ids), bs):
+                yield hold_cache[i : i + bs].float(), torch.tensor([by_id[j][1] for j in hold_ids[i : i + bs]])
+    else:
+        fwd = net
+
+        def train_batches(epoch):
+            return ((to_dev(x), y) for x, y in train_loader)
+
+        def hold_batches():
+            return ((to_dev(x), y) for x, y in hold_loader)
 
     @torch.no_grad()
     def held_out() -> tuple[float, float]:
         losses, correct, n = 0.0, 0, 0
-        for x, y in hold_loader:
+        for x, y in hold_batches():
             y = y.to(device)
-            logits = head(forward(to_dev(x)))
+            logits = head(run(fwd, x))
             losses += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
@@ -322,9 +398,9 @@ def train_backbone(
         for epoch in range(1, cfg.epochs + 1):
             total, count = 0.0, 0
             te = time.perf_counter()
-            for x, y in train_loader:
+            for x, y in train_batches(epoch):
                 y = y.to(device)
-                logits = head(forward(to_dev(x)))
+                logits = head(run(fwd, x))
                 loss = ce(logits, y)
                 if anchors:
                     loss = loss + cfg.reg * sum(((p - anchors[n]) ** 2).sum() for n, p in named_trainable)

@@ -176,6 +176,10 @@ def build(
     if len(hold):
         params, recall = tune_params(index, X[hold], X[rest], ids[rest], target=target_recall)
         index.add_with_ids(X[hold], ids[hold])
+    elif tune and index_kind(index) in ("ivf", "hnsw"):  # too few vectors to measure: search (nearly) everything
+        ivf = faiss.try_extract_index_ivf(index)
+        params, recall = ({"nprobe": int(ivf.nlist)} if ivf is not None else {"efSearch": EF_STEPS[-1]}), None
+        set_params(index, params)
     else:
         params, recall = default_params(index), None
     times["tune"] = time.perf_counter() - t0

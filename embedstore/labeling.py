@@ -40,6 +40,7 @@ PREDICTIONS_SCHEMA = pa.schema(
 )
 SOURCES = ("human", "model")
 TEXT_HEADS = ("zeroshot", "fused")
+MAX_UNLABELED = 10_000  # unlabeled vectors a head sees while fitting (transductive heads, centering)
 NO_LABELS_HINT = "label a few images per class first: embedstore label STORE --class NAME IMAGES..."
 
 
@@ -73,31 +74,38 @@ class LabelMixin:
         A path not in the store is looked up by content (a copy of a stored image counts); what still
         cannot be found is returned in the second list, never dropped silently.
         """
+        items = list(items)
+        found: list[int] = []
+        unknown: list[str] = []
+        for it, ids in zip(items, self._resolve_each(items, base)):
+            (found.extend(ids) if ids else unknown.append(str(it)))
+        seen: set[int] = set()
+        return [i for i in found if not (i in seen or seen.add(i))], unknown
+
+    def _resolve_each(self, items: list, base: str | os.PathLike | None = None) -> list[list[int]]:
+        """Per item, the ids it names (empty when not in the store); one read of the images table."""
         from .store import content_hash
 
         by_path, by_hash, known = self._image_lookup()
         base = Path(base) if base is not None else Path.cwd()
-        found: list[int] = []
-        unknown: list[str] = []
+        out: list[list[int]] = []
         for it in items:
             if isinstance(it, (int, np.integer)) and not isinstance(it, bool):
-                (found.append(int(it)) if int(it) in known else unknown.append(str(it)))
+                out.append([int(it)] if int(it) in known else [])
                 continue
             p = Path(str(it)).expanduser()
             p = (p if p.is_absolute() else base / p).resolve()
             key = str(p)
             if key in by_path:
-                found.append(by_path[key])
+                out.append([by_path[key]])
             elif p.is_dir():
                 prefix = key.rstrip(os.sep) + os.sep
-                inside = [i for q, i in by_path.items() if q.startswith(prefix)]
-                (found.extend(sorted(inside)) if inside else unknown.append(str(it)))
+                out.append(sorted(i for q, i in by_path.items() if q.startswith(prefix)))
             elif p.is_file() and (h := _safe_hash(content_hash, key)) in by_hash:
-                found.append(by_hash[h])
+                out.append([by_hash[h]])
             else:
-                unknown.append(str(it))
-        seen: set[int] = set()
-        return [i for i in found if not (i in seen or seen.add(i))], unknown
+                out.append([])
+        return out
 
     # ---- labels ----------------------------------------------------------------------------
     def label(self, items: Iterable, cls: str, source: str = "human", base: str | os.PathLike | None = None) -> dict:
@@ -151,9 +159,9 @@ class LabelMixin:
             raise EmptyInputError("no (image, class) pairs given")
         mapping: dict[int, str] = {}
         unknown: list[str] = []
-        for item, cls in pairs:
-            ids, unk = self.resolve_items([item], base)
-            unknown += unk
+        for (item, cls), ids in zip(pairs, self._resolve_each([p[0] for p in pairs], base)):
+            if not ids:
+                unknown.append(str(item))
             for i in ids:
                 mapping[i] = cls
         if not mapping:
@@ -286,8 +294,12 @@ class LabelMixin:
             kw.setdefault("text_encoder", self.backbone.embed_texts)
         return make_head(head, **kw)
 
-    def fit_head(self, head: str = "auto", version: str | None = None, **kw):
-        """Fit `head` on the labeled vectors; returns (head, VectorSet, labeled positions, unlabeled positions)."""
+    def fit_head(self, head: str = "auto", version: str | None = None, max_unlabeled: int = MAX_UNLABELED, **kw):
+        """Fit `head` on the labeled vectors; returns (head, VectorSet, labeled positions, unlabeled positions).
+
+        Transductive heads (propagate, CL2N centering) see at most `max_unlabeled` unlabeled vectors (a
+        seeded sample), so fitting stays bounded on big collections; predictions still cover every image.
+        """
         h = self.make_head(head, **kw)  # a bad head name fails before any reading
         vs, lab, y, unl = self._labeled_split(version)
         classes = sorted(set(y))
@@ -295,7 +307,10 @@ class LabelMixin:
             raise EmptyInputError(
                 f"only one class ({classes[0]}) is labeled; label a few images of at least one more class"
             )
-        h.fit(vs.vectors[lab], y, unlabeled=vs.vectors[unl] if len(unl) else None)
+        pool = unl
+        if len(pool) > max_unlabeled:
+            pool = np.sort(np.random.default_rng(0).choice(unl, max_unlabeled, replace=False))
+        h.fit(vs.vectors[lab], y, unlabeled=vs.vectors[pool] if len(pool) else None)
         return h, vs, lab, unl
 
     # ---- classify --------------------------------------------------------------------------

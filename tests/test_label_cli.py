@@ -29,7 +29,7 @@ def one_line_error(r, text):
     assert "Traceback" not in r.output
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert any(text in l for l in lines), r.output
-    assert lines[0].startswith("error:")
+    assert len(lines) == 1 and lines[0].startswith("error:")
 
 
 @pytest.fixture()
@@ -96,7 +96,7 @@ def test_label_classify_flow(store, photo_labels, photo_dir, tmp_path):
 
 def test_cli_errors(store, tmp_path):
     one_line_error(run("classify", store, "--head", "knn", code=2), "no labeled images")
-    one_line_error(run("label", store, "--class", "x", tmp_path / "nope.jpg", code=2), "not in the store")
+    one_line_error(run("label", store, "--class", "x", tmp_path / "nope.jpg", code=2), "is in the store")
     one_line_error(run("label", store, tmp_path / "a.jpg", code=2), "exactly one of")
     one_line_error(run("classify", store, "--head", "bogus", code=2), "unknown head")
     one_line_error(run("export", store, tmp_path / "o", "-f", "xml", code=2), "format")

@@ -238,3 +238,30 @@ def test_explain_and_classify_explain(photo_store, photo_labels):
     assert all(n["id"] != lab_id for n in photo_store.explain(lab_id)["neighbors"])
     with pytest.raises(InvalidArgumentError, match="not in the store"):
         photo_store.explain(10_000)
+
+
+def test_classify_auto_says_what_it_chose(photo_store, photo_labels):
+    rest = label_first(photo_store, photo_labels, k=3)
+    res = photo_store.classify()  # head="auto"
+    assert res["head"] == "auto" and res["chosen"] not in ("", "auto")
+    assert {p["head"] for p in res["predictions"]} == {res["chosen"]}
+    assert np.mean([rest[p["path"]] == p["label"] for p in res["predictions"]]) >= 0.9
+
+
+def test_clip_backbone_text_heads_and_prompt_scores(tmp_path, photo_labels):
+    import embedstore
+    from conftest import TINY_CLIP  # random weights: only the text path and shapes matter here
+
+    g = by_class(photo_labels)
+    store = embedstore.open(tmp_path / "clip.es", backbone=TINY_CLIP, device="cpu")
+    store.add(g["horse"][:3] + g["rocket"][:3], progress=False)
+    store.label(g["horse"][:2], "horse")
+    store.label(g["rocket"][:2], "rocket")
+    res = store.classify(head="zeroshot", explain=True)
+    assert len(res["predictions"]) == 2
+    ps = res["predictions"][0]["explain"]["prompt_scores"]
+    assert set(ps) == {"horse", "rocket"} and all(-1 <= v <= 1 for v in ps.values())
+    ex = store.explain(g["horse"][2])
+    assert set(ex["prompt_scores"]) == {"horse", "rocket"}
+    assert abs(sum(v["probability"] for v in ex["prompt_scores"].values()) - 1) < 1e-3
+    assert store.classify(head="fused")["chosen"] == "fused"

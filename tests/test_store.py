@@ -4,6 +4,7 @@ lock, backbone mismatch, EXIF orientation and vectors(). Real LanceDB directory,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import struct
@@ -21,6 +22,18 @@ from PIL import Image
 import embedstore
 from embedstore.errors import BackboneMismatchError, NoImagesAddedError, StoreLockedError, StoreNotFoundError
 from embedstore.samples import photo
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core runner, OpenMP threads spinning against other processes made
+    these tests ~9x slower (measured); results do not depend on the thread count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -218,7 +231,7 @@ def test_sigkill_mid_ingest_then_resume(tmp_path):
     torch.save(timm.create_model("test_efficientnet", num_classes=0).state_dict(), ckpt)
     root = tmp_path / "killed.es"
     proc = subprocess.Popen([sys.executable, "-c", INGEST, str(root), str(src), str(ckpt)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 180
         while committed_vectors(root) < 32:
@@ -267,7 +280,8 @@ def test_second_writer_fails_fast_with_clear_message(photo_store, photo_dir, tmp
 
     new = noise_image(tmp_path / "extra.png", seed=3)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(photo_store.root)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         assert holder.stdout.readline().strip() == "locked", holder.stderr.read()[-2000:]
         second = embedstore.open(photo_store.root, create=False, lock_timeout=0.5)

@@ -20,9 +20,9 @@ def _groups(photo_labels):
 
 
 def _add_near_duplicate(store, path, tmp_path):
-    """Re-encode a stored image (new bytes, same picture) and add it: a near-identical vector."""
-    dup = tmp_path / "near_dup.jpg"
-    Image.open(path).save(dup, quality=70)
+    """Re-save a stored image as PNG (new bytes, same picture) and add it: a near-identical vector."""
+    dup = tmp_path / "near_dup.png"
+    Image.open(path).save(dup)
     store.add([dup], progress=False)
     ids, _ = store.resolve_items([path, dup])
     vs = store.vectors(ids=ids)

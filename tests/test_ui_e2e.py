@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import embedstore
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -59,6 +61,10 @@ def _cli() -> list[str]:
 def ui_server(photo_store_path, tmp_path):
     store = tmp_path / "photos.es"
     shutil.copytree(photo_store_path, store)
+    s = embedstore.open(store, create=False)  # a few labels, so results carry labels and predictions
+    for cls in ("astronaut", "chelsea", "coffee", "rocket"):
+        s.label([p for p in s.paths_for(range(80)) if f"/{cls}/" in p][:2], cls)
+    s.classify(head="knn")
     port = _free_port()
     proc = subprocess.Popen(
         _cli() + ["ui", str(store), "--port", str(port)],
@@ -110,16 +116,17 @@ def test_search_page_renders_results_in_chromium(ui_server, browser):
     # the browse grid: thumbnails with a "similar" button each; press the first to search by that image
     similar = wait.until(EC.element_to_be_clickable((By.XPATH, "//button[.//p[text()='similar']]")))
     similar.click()
-    first = wait.until(EC.presence_of_element_located(
-        (By.XPATH, "//*[@data-testid='stImageCaption' or @data-testid='caption'][starts-with(normalize-space(.), '1.000')]")
-    ))
-    wait.until(lambda d: all(img.get_attribute("complete") == "true" and int(img.get_attribute("naturalWidth") or 0) > 0
-                             for img in d.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img")))
-    captions = [c.text for c in browser.find_elements(By.XPATH, "//*[@data-testid='stImageCaption' or @data-testid='caption']")]
-    scored = [c for c in captions if c[:1].isdigit()]
-    assert len(scored) >= 6, captions  # a grid of results, each with its similarity score
-    assert "#" in first.text
-    assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
+    caption = "//*[@data-testid='stImageCaption' or @data-testid='caption']"
     ARTIFACTS.mkdir(exist_ok=True)
+    try:  # result captions read "<cosine score> · #<id> ..."
+        wait.until(lambda d: len(d.find_elements(By.XPATH, caption + "[contains(., ' · #')]")) >= 6)
+        wait.until(lambda d: all(img.get_attribute("complete") == "true" and int(img.get_attribute("naturalWidth") or 0) > 0
+                                 for img in d.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img")))
+    finally:
+        browser.save_screenshot(str(ARTIFACTS / "ui-search.png"))
+    scores = [float(c.text.split(" · ")[0]) for c in browser.find_elements(By.XPATH, caption + "[contains(., ' · #')]")]
+    assert len(scores) == 24 and scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1.0001, scores
+    assert browser.find_elements(By.XPATH, caption + "[starts-with(., 'query: image #')]")
+    assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
     time.sleep(1)  # let the last thumbnails paint
     assert browser.save_screenshot(str(ARTIFACTS / "ui-search.png"))

@@ -223,12 +223,9 @@ class Head(ABC):
             arrays["mean"] = self.mean
         return header, arrays
 
-    @staticmethod
-    def _from_state(header: dict, arrays: dict[str, np.ndarray]) -> "Head":
-        klass = HEADS.get(header["name"])
-        if klass is None:
-            raise InvalidArgumentError(f"unknown saved head '{header['name']}'; known: {sorted(HEADS)}")
-        head = klass._from_params(header["params"])
+    @classmethod
+    def _from_state(cls, header: dict, arrays: dict[str, np.ndarray]) -> "Head":
+        head = cls._from_params(header["params"])
         head.classes = list(header["classes"])
         head.temperature = float(header["temperature"])
         head.mean = arrays.get("mean")
@@ -248,7 +245,7 @@ class Head(ABC):
                 arrays = {k: z[k] for k in z.files if k != "header"}
         except (OSError, ValueError, KeyError) as e:
             raise InvalidArgumentError(f"'{path}' is not a saved head ({e}); save one with head.save(path)") from e
-        head = Head._from_state(header, arrays)
+        head = restore(header, arrays)
         if cls is not Head and not isinstance(head, cls):
             raise InvalidArgumentError(f"'{path}' holds a '{header['name']}' head, not '{cls.name}'; use load_head()")
         return head
@@ -256,6 +253,14 @@ class Head(ABC):
     @classmethod
     def _from_params(cls, params: dict) -> "Head":
         return cls(**params)
+
+
+def restore(header: dict, arrays: dict[str, np.ndarray]) -> Head:
+    """A head from its saved (header, arrays), dispatched on the header's name."""
+    klass = HEADS.get(header["name"])
+    if klass is None:
+        raise InvalidArgumentError(f"unknown saved head '{header['name']}'; known: {sorted(HEADS)}")
+    return klass._from_state(header, arrays)
 
 
 def load_head(path: str | Path) -> Head:

@@ -14,7 +14,7 @@ import torch
 
 from .base import Head, encode_labels, few_threads, register
 
-CS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+CS = (1.0, 10.0, 100.0, 1000.0)
 
 
 def _device(device: str) -> torch.device:
@@ -37,6 +37,8 @@ def fit_logreg(X, y, n_classes, C, W0=None, b0=None, max_iter=100, device="auto"
         Wz, b = fit_logreg(np.ascontiguousarray(R.T), y, n_classes, C, Wz0, b0, max_iter, device)
         return (Wz @ Q.T).astype(np.float32), b
     dev = _device(device)
+    if dev.type == "cpu":
+        return _fit_sklearn(X, y, n_classes, C, W0, b0, max_iter)
     Xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
     yt = torch.as_tensor(y, dtype=torch.long, device=dev)
     D = Xt.shape[1]
@@ -56,6 +58,30 @@ def fit_logreg(X, y, n_classes, C, W0=None, b0=None, max_iter=100, device="auto"
     with torch.enable_grad(), few_threads(dev.type == "cpu" and Xt.numel() < 1_000_000):
         opt.step(closure)
     return W.detach().cpu().numpy(), b.detach().cpu().numpy()
+
+
+def _fit_sklearn(X, y, n_classes, C, W0, b0, max_iter):
+    """The same objective with scikit-learn's lbfgs (sum CE * C + ||W||^2 / 2), warm-started from (W0, b0)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    present = np.unique(y)
+    m = LogisticRegression(C=C, max_iter=max(max_iter, 100) * 5, warm_start=W0 is not None, tol=1e-4)
+    if W0 is not None and len(present) == n_classes:
+        m.coef_, m.intercept_ = np.asarray(W0, np.float64), np.asarray(b0, np.float64)
+    with warnings.catch_warnings(), few_threads(X.size < 1_000_000):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        m.fit(X, y)
+    W = np.zeros((n_classes, X.shape[1]), np.float32)
+    b = np.full(n_classes, -1e4 if len(present) < n_classes else 0.0, np.float32)
+    if len(present) == 2 and n_classes >= 2:  # binary: sklearn keeps one row (w for the second class)
+        W[present[1]], b[present[1]] = m.coef_[0] / 2, m.intercept_[0] / 2
+        W[present[0]], b[present[0]] = -m.coef_[0] / 2, -m.intercept_[0] / 2
+    else:
+        W[present], b[present] = m.coef_, m.intercept_
+    return W, b
 
 
 def stratified_folds(y: np.ndarray, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -95,7 +121,7 @@ class LinearHead(Head):
         counts = np.bincount(y)
         if len(self.Cs) < 2 or counts.min() < 2 or len(counts) < 2:
             return self.C
-        folds = stratified_folds(y, min(5, int(counts.min())))
+        folds = stratified_folds(y, min(3, int(counts.min())))
         self.cv_scores = {}
         for C in self.Cs:
             correct, nll = 0, 0.0
@@ -108,6 +134,12 @@ class LinearHead(Head):
                 nll -= float(logp[np.arange(len(te)), y[te]].sum())
             self.cv_scores[C] = correct / len(y) - 1e-6 * nll / len(y)  # accuracy, NLL breaks ties
         return max(self.cv_scores, key=self.cv_scores.get)
+
+    def cv_logits(self, X, y, unlabeled=None, folds=None):
+        """C is chosen once on all labels, then each fold is fitted with it (no nested CV)."""
+        C = self.clone().fit(X, y, unlabeled).C
+        fixed = type(self)(C=C, Cs=(), center=self.center, device=self.device)
+        return Head.cv_logits(fixed, X, y, unlabeled, folds)
 
     def _logits(self, X):
         return (X @ self.W.T + self.b).astype(np.float32)

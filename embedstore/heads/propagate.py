@@ -111,6 +111,17 @@ class PropagateHead(Head):
             P[exact] = self.F[nn[exact, sims[exact].argmax(1)]]
         return np.log(P + EPS).astype(np.float32)
 
+    def cv_logits(self, X, y, unlabeled=None, folds=None):
+        """Out-of-fold logits reusing one graph over labeled + unlabeled: each fold only hides labels."""
+        h = self.clone().fit(X, y, unlabeled)
+        yi = h._y
+        out = np.zeros((len(yi), len(h.classes)), np.float32)
+        for tr, te in folds:
+            h._labeled_rows, h._y = tr, yi[tr]
+            h._solve()
+            out[te] = np.log(h.F[te] + EPS)
+        return out
+
     def add_class(self, X, name):
         self._new_class(name)
         Xn = self._prep(X)

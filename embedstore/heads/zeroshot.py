@@ -64,6 +64,11 @@ class ZeroShotHead(Head):
         self.logit_scale = float(logit_scale)
         self.W = np.zeros((0, 0), np.float32)
 
+    def clone(self):
+        h = super().clone()
+        h.text_encoder = self.text_encoder
+        return h
+
     def fit(self, X=None, y=None, unlabeled=None):
         classes, _ = encode_labels(y)
         return self.fit_classes(classes)
