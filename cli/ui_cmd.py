@@ -32,8 +32,10 @@ def streamlit_command(store_root: Path, host: str, port: int) -> list[str]:
 
 def _check_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
+            s.listen()
         except OSError as e:
             raise InvalidArgumentError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host")
 

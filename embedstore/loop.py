@@ -11,7 +11,8 @@ table vectors_<version>. Steps, and what a kill at each step leaves:
                                         finds the unfinished version and embeds only what is missing
     4. build its FAISS index           a cache: rebuilt when missing
     5. decide and activate             one atomic manifest write: status "ready", active_version switched
-                                        only if the new version's held-out accuracy beats the old one's
+                                        only if the new version beats the old one on the labels held out
+                                        from training (best-head accuracy; equal accuracy: lower log-loss)
 
 Labels are never touched. `use VERSION` switches back and forth (embedding images added since, if any);
 `prune VERSION` drops an inactive version's vectors, index and weights.
@@ -211,17 +212,26 @@ class LoopMixin:
                 pass
             index = None
             if hasattr(self, "build_index"):
-                with self._as_active(version):
-                    index = self.build_index(progress=progress)
+                try:
+                    with self._as_active(version):
+                        index = self.build_index(progress=progress)
+                except Exception as e:  # the index is a cache: search rebuilds it when missing
+                    index = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
         n_vectors = self.vectors_table(version).count_rows()
         side = json.loads((self.root / "models" / f"{version}.json").read_text())
         old = self._holdout_accuracy(parent, side["train"], side["holdout"])
         new = self._holdout_accuracy(version, side["train"], side["holdout"])
-        better = new["accuracy"] > old["accuracy"]
+        # better: higher held-out accuracy, or the same accuracy (few held-out images tie often) and a lower log-loss
+        better = new["accuracy"] > old["accuracy"] or (
+            new["accuracy"] == old["accuracy"] and new["log_loss"] < old["log_loss"]
+        )
         with self.write_lock():
             e = self.manifest["versions"][version]
             e["status"] = "ready"
-            e["holdout"] = {"accuracy": new["accuracy"], "parent_accuracy": old["accuracy"], "head": new["head"], "n": new["n"]}
+            e["holdout"] = {
+                "accuracy": new["accuracy"], "parent_accuracy": old["accuracy"], "log_loss": new["log_loss"],
+                "parent_log_loss": old["log_loss"], "head": new["head"], "n": new["n"],
+            }
             activated = better and self.active_version == parent
             if activated:
                 self.manifest["active_version"] = version
@@ -230,10 +240,12 @@ class LoopMixin:
         if evaluate and activated:
             eval_run = self.evaluate(episodes=5)
         verdict = (
-            f"new version {version} is active: held-out accuracy {old['accuracy']:.3f} -> {new['accuracy']:.3f}"
+            f"new version {version} is active: held-out accuracy {old['accuracy']:.3f} -> {new['accuracy']:.3f}, "
+            f"log-loss {old['log_loss']:.3f} -> {new['log_loss']:.3f}"
             if activated
-            else f"version {version} kept but NOT active: held-out accuracy {new['accuracy']:.3f} does not beat "
-            f"{old['accuracy']:.3f} of {parent}; switch anyway with `embedstore use STORE {version}`"
+            else f"version {version} kept but NOT active: held-out accuracy {new['accuracy']:.3f} (log-loss "
+            f"{new['log_loss']:.3f}) does not beat {old['accuracy']:.3f} ({old['log_loss']:.3f}) of {parent}; "
+            f"switch anyway with `embedstore use STORE {version}`"
         )
         return {
             "status": "activated" if activated else "kept",
@@ -253,7 +265,8 @@ class LoopMixin:
         }
 
     def _holdout_accuracy(self, version: str, train: dict, holdout: dict) -> dict:
-        """Best-head accuracy on the held-out labels (never trained on), heads fit on the training labels."""
+        """Best-head accuracy on the held-out labels (never trained on), heads fit on the training labels;
+        plus the heads' mean log-loss there (a finer measure on the same images, for ties)."""
         from .heads import HEADS, make_head
 
         vs = self.vectors(version, ids=sorted(int(i) for i in {**train, **holdout}))
@@ -263,15 +276,23 @@ class LoopMixin:
         if not tr or not ho:
             raise EmptyInputError(f"version {version} has no vectors for the fine-tune's labeled images; run finetune again")
         ytr = [train[str(int(vs.ids[k]))] for k in tr]
-        yho = np.array([holdout[str(int(vs.ids[k]))] for k in ho], dtype=object)
-        per_head = {}
+        yho = [holdout[str(int(vs.ids[k]))] for k in ho]
+        acc, loss = {}, {}
         for name in DECISION_HEADS:
             if name not in HEADS:
                 continue
             h = make_head(name).fit(vs.vectors[tr], ytr, unlabeled=vs.vectors[ho])
-            per_head[name] = round(float(np.mean(np.asarray(h.predict(vs.vectors[ho]), dtype=object) == yho)), 4)
-        best = max(per_head, key=per_head.get)
-        return {"accuracy": per_head[best], "head": best, "heads": per_head, "n": len(ho)}
+            P = np.asarray(h.predict_proba(vs.vectors[ho]), np.float64)
+            cls = list(h.classes)
+            truth = np.array([cls.index(c) if c in cls else -1 for c in yho])
+            p_true = np.where(truth >= 0, P[np.arange(len(ho)), np.maximum(truth, 0)], 0.0)
+            acc[name] = round(float(np.mean(P.argmax(1) == truth)), 4)
+            loss[name] = round(float(np.mean(-np.log(np.clip(p_true, 1e-6, 1.0)))), 4)
+        best = max(acc, key=acc.get)
+        return {
+            "accuracy": acc[best], "head": best, "heads": acc, "log_loss": round(float(np.mean(list(loss.values()))), 4),
+            "head_log_loss": loss, "n": len(ho),
+        }
 
     @contextmanager
     def _as_active(self, version: str):

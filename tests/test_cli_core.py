@@ -142,7 +142,7 @@ def test_empty_input_folder(tmp_path):
 def test_all_files_bad(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.jpg").write_bytes(b"nope")
-    assert_one_line_error(invoke("add", tmp_path / "b.es", tmp_path / "bad", "--json"), "could not be read as images")
+    assert_one_line_error(invoke("add", tmp_path / "b.es", tmp_path / "bad", "--json"), "none of the 1 file(s) could be read as images")
 
 
 def test_missing_weights_file(few_photos, tmp_path):

@@ -221,14 +221,15 @@ def grid(
                     st.image(str(path), caption=it.get("caption") or f"#{i}", width="stretch")
                 else:
                     st.warning(f"#{i}: image unreadable")
+                widths = ([1] if selectable else []) + ([3] if neighbours else []) + ([2] if extra else [])
+                slots = iter(st.columns(widths, gap="small", vertical_alignment="center")) if widths else iter(())
                 if selectable:
-                    st.checkbox("select", key=f"{key}_sel_{i}")
-                b1, b2 = st.columns(2) if extra else (st.container(), None)
+                    next(slots).checkbox("select", key=f"{key}_sel_{i}", label_visibility="collapsed")
                 if neighbours:
-                    b1.button("similar", key=f"{key}_nb_{i}", on_click=show_neighbours, args=(i,),
-                              help="show this image's nearest neighbours")
+                    next(slots).button("similar", key=f"{key}_nb_{i}", on_click=show_neighbours, args=(i,),
+                                       help="show this image's nearest neighbours")
                 if extra:
-                    b2.button(extra[0], key=f"{key}_x_{i}", on_click=extra[1], args=(i,))
+                    next(slots).button(extra[0], key=f"{key}_x_{i}", on_click=extra[1], args=(i,))
 
 
 def class_picker(store, key: str, label: str = "class") -> str | None:

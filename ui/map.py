@@ -72,14 +72,20 @@ def render(store) -> None:
 
     import altair as alt
 
+    classes = sorted(c for c in df[color].unique() if c not in (UNLABELED, common.UNKNOWN))
+    palette = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d",
+               "#17becf", "#bcbd22", "#8c564b"]
+    rest = [v for v in (UNLABELED, common.UNKNOWN) if (df[color] == v).any()]  # drawn grey
+    scale = alt.Scale(domain=classes + rest, range=[palette[i % len(palette)] for i in range(len(classes))]
+                      + ["#c7c7c7"] * len(rest))
     brush = alt.selection_interval(name="region", encodings=["x", "y"])
     chart = (
         alt.Chart(df)
-        .mark_circle(size=40, opacity=0.8)
+        .mark_circle(size=60, opacity=0.85)
         .encode(
             x=alt.X("x:Q", axis=None),
             y=alt.Y("y:Q", axis=None),
-            color=alt.Color(f"{color}:N", legend=alt.Legend(title=color)),
+            color=alt.Color(f"{color}:N", scale=scale, legend=alt.Legend(title=color)),
             tooltip=[alt.Tooltip("image:N", title="image"), "id:Q", "label:N", "prediction:N"],
         )
         .add_params(brush)

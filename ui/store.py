@@ -40,7 +40,8 @@ def _learning_curve(store) -> None:
                   error_y="std" if "std" in last and last["std"].notna().any() else None,
                   labels={"shots": "labeled images per class", "accuracy": "accuracy"},
                   title=f"learning curve (latest run, version {last['version'].iloc[0]})")
-    fig.update_xaxes(type="log")
+    fig.update_xaxes(type="log", tickvals=sorted(last["shots"].unique()))
+    fig.update_yaxes(range=[0, 1.02])
     st.plotly_chart(fig, width="stretch")
     runs = pd.DataFrame([{k: run.get(k) for k in ("run_id", "time", "version", "n_labels", "n_classes", "best_head",
                                                   "best_accuracy")} for run in hist]).dropna(axis=1, how="all")

@@ -17,7 +17,7 @@ from typing import Sequence
 from PIL import Image, ImageOps
 
 SIZE = 224  # longest side of a thumbnail, pixels
-TINY = 64  # longest side of the hover previews on the map
+TINY = 96  # longest side of the hover previews on the map
 THUMB_DIR = "thumbs"
 
 

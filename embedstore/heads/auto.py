@@ -30,6 +30,8 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
 }
 TEXT_CANDIDATES: dict[str, tuple[str, dict]] = {"zeroshot": ("zeroshot", {}), "fused": ("fused", {})}
 FALLBACK = ("propagate+cl2n", "linear")
+# temperatures for when nothing can be held out (a class with one example): typical fitted values on digits
+DEFAULT_T = {"propagate": 0.1, "propagate+cl2n": 0.1, "linear": 0.5, "knn": 0.3, "centroid": 0.3, "centroid+cl2n": 0.3}
 
 
 def log_softmax(Z: np.ndarray) -> np.ndarray:
@@ -80,7 +82,7 @@ class AutoHead(Head):
         folds = make_folds(y, self.n_splits, self.seed)
         if folds is None:
             labels = [f for f in self.fallback if f in cat] or [next(iter(cat))]
-            temps = {lab: 1.0 for lab in labels}
+            temps = {lab: DEFAULT_T.get(lab, 1.0) for lab in labels}
             self.cv_scores = {}
         else:
             oof, temps = {}, {}
@@ -105,6 +107,7 @@ class AutoHead(Head):
             h.temperature = temps[lab]
             self.members.append(h)
         self.chosen = " + ".join(labels)
+        self._remember(X)
         self.temperature = 1.0
         if folds is not None and len(labels) > 1:
             self.temperature = fit_temperature(np.mean([oof[lab] for lab in labels], 0), yi)
@@ -139,6 +142,7 @@ class AutoHead(Head):
 
     def add_class(self, X, name):
         self._new_class(name)
+        self._remember(X, append=True)
         for m in self.members:
             m.add_class(X, name)
         return self
@@ -164,7 +168,7 @@ class AutoHead(Head):
 
     @classmethod
     def _from_state(cls, header, arrays):
-        head = super()._from_state(header, {})
+        head = super()._from_state(header, {k: v for k, v in arrays.items() if "__" not in k})
         head.chosen, head.cv_scores = header["chosen"], header["cv_scores"]
         head.members = [
             restore(h, {k.split("__", 1)[1]: v for k, v in arrays.items() if k.startswith(f"m{i}__")})

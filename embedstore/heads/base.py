@@ -122,6 +122,8 @@ class Head(ABC):
         self.mean: np.ndarray | None = None  # CL2N mean, set in fit when center=True
         self.temperature: float = 1.0
         self.classes = []
+        self.support: np.ndarray | None = None  # the labeled vectors (L2-normalised, uncentred), for familiarity
+        self.support_range: tuple[float, float] | None = None
 
     # -- to implement
     @abstractmethod
@@ -171,7 +173,49 @@ class Head(ABC):
         return softmax(self.logits(X) / self.temperature).astype(np.float32)
 
     def predict(self, X: np.ndarray, threshold: float | None = None) -> list[str | None]:
-        return abstain(self.predict_proba(X), threshold, self.classes)
+        """Class names; with a threshold, None where `decide`'s confidence is below it (open set)."""
+        if threshold is None:
+            return abstain(self.predict_proba(X), None, self.classes)
+        return self.decide(X, threshold)[0]
+
+    # -- open set
+    def _remember(self, X: np.ndarray, append: bool = False) -> None:
+        """Keep the labeled vectors: `familiarity` compares queries with them."""
+        Xn = l2n(X)
+        self.support = np.vstack([self.support, Xn]) if append and self.support is not None else Xn
+        S = self.support @ self.support.T
+        n = len(S)
+        if n < 3:
+            self.support_range = None
+            return
+        off = S[~np.eye(n, dtype=bool)]
+        np.fill_diagonal(S, -np.inf)
+        near = S.max(1)  # each labeled vector's nearest other labeled vector
+        lo, hi = float(off.mean()), float(np.percentile(near, 25))
+        self.support_range = (lo, hi) if hi > lo + 1e-3 else None
+
+    def familiarity(self, X: np.ndarray) -> np.ndarray:
+        """(M,) in [0, 1]: 1 when a vector is as close to the labeled examples as they are to each other,
+        0 when it is no closer than unrelated labeled examples are (an image of none of the classes)."""
+        X = check_vectors(X)
+        if self.support is None or self.support_range is None or len(X) == 0:
+            return np.ones(len(X), np.float32)
+        lo, hi = self.support_range
+        s = (l2n(X) @ self.support.T).max(1)
+        return np.clip((s - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+    def decide(self, X: np.ndarray, threshold: float | None = None) -> tuple[list[str | None], np.ndarray, np.ndarray]:
+        """Open-set predictions: (labels with None for unknown, confidence (M,), probabilities (M, C)).
+
+        confidence = top calibrated probability x familiarity, so an image unlike every labeled one gets
+        low confidence even when one class wins the softmax; below `threshold` the label is None."""
+        P = self.predict_proba(X)
+        conf = (P.max(1) if len(P) else np.zeros(0, np.float32)) * self.familiarity(X)
+        labels = abstain(P, None, self.classes)
+        if threshold is not None:
+            abstain(P[:0], threshold)  # validates the threshold
+            labels = [c if k >= threshold else None for c, k in zip(labels, conf)]
+        return labels, conf.astype(np.float32), P
 
     def get_params(self) -> dict[str, Any]:
         return {p: getattr(self, p) for p in self.params}
@@ -221,6 +265,9 @@ class Head(ABC):
         arrays = {f"a_{k}": np.asarray(v) for k, v in self._arrays().items()}
         if self.mean is not None:
             arrays["mean"] = self.mean
+        if self.support is not None:
+            arrays["support"] = self.support
+        header["support_range"] = list(self.support_range) if self.support_range else None
         return header, arrays
 
     @classmethod
@@ -229,6 +276,8 @@ class Head(ABC):
         head.classes = list(header["classes"])
         head.temperature = float(header["temperature"])
         head.mean = arrays.get("mean")
+        head.support = arrays.get("support")
+        head.support_range = tuple(header["support_range"]) if header.get("support_range") else None
         head._set_arrays({k[2:]: v for k, v in arrays.items() if k.startswith("a_")})
         return head
 

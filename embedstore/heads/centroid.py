@@ -30,6 +30,7 @@ class CentroidHead(Head):
         S = np.zeros((C, Xn.shape[1]), np.float64)
         np.add.at(S, yi, Xn)
         self.W = l2n(S / self.counts[:, None])
+        self._remember(X)
         return self
 
     def _logits(self, X):
@@ -38,6 +39,7 @@ class CentroidHead(Head):
     def add_class(self, X, name):
         self._new_class(name)
         Xn = self._prep(X)
+        self._remember(X, append=True)
         self.W = np.vstack([self.W, l2n(Xn.mean(0, keepdims=True))])
         self.counts = np.append(self.counts, len(Xn))
         return self

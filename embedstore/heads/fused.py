@@ -39,6 +39,7 @@ class FusedHead(ZeroShotHead):
         self.classes, self.y = encode_labels(y)
         self.W = text_prototypes(self.text_encoder, self.classes, self.templates)
         self.K = self._prep(X)
+        self._remember(X)
         if self.tune and np.bincount(self.y).min() >= 2:
             self.alpha, self.beta = self._tune()
         return self
@@ -67,6 +68,7 @@ class FusedHead(ZeroShotHead):
     def add_class(self, X, name):
         super().add_class(X, name)  # text prototype for the new name
         Xn = self._prep(X)
+        self._remember(X, append=True)
         self.K = np.vstack([self.K, Xn])
         self.y = np.concatenate([self.y, np.full(len(Xn), len(self.classes) - 1)])
         return self

@@ -29,6 +29,7 @@ class KNNHead(Head):
         self._fit_mean(self._raw(X), None if unlabeled is None else self._raw(unlabeled))
         self.classes, self.y = encode_labels(y)
         self.X = self._prep(X)
+        self._remember(X)
         return self
 
     @staticmethod
@@ -55,6 +56,7 @@ class KNNHead(Head):
     def add_class(self, X, name):
         self._new_class(name)
         Xn = self._prep(X)
+        self._remember(X, append=True)
         self.X = np.vstack([self.X, Xn])
         self.y = np.concatenate([self.y, np.full(len(Xn), len(self.classes) - 1)])
         return self

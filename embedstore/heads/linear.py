@@ -114,6 +114,7 @@ class LinearHead(Head):
         Xn = self._prep(X)
         self.C = self._choose_C(Xn, yi)
         self.Xtr, self.ytr = Xn, yi
+        self._remember(X)
         self.W, self.b = fit_logreg(Xn, yi, len(self.classes), self.C, device=self.device)
         return self
 
@@ -147,6 +148,7 @@ class LinearHead(Head):
     def add_class(self, X, name):
         self._new_class(name)
         Xn = self._prep(X)
+        self._remember(X, append=True)
         c = len(self.classes) - 1
         scale = float(np.linalg.norm(self.W, axis=1).mean()) if len(self.W) else 1.0
         w0 = Xn.mean(0) / max(float(np.linalg.norm(Xn.mean(0))), 1e-12) * scale

@@ -64,10 +64,11 @@ def spread(S, labeled_rows: np.ndarray, y: np.ndarray, n_classes: int, alpha: fl
 @register
 class PropagateHead(Head):
     name = "propagate"
-    params = ("k", "gamma", "alpha", "center")
+    params = ("k", "gamma", "alpha", "balance", "center")
 
-    def __init__(self, k: int = 10, gamma: float = 3.0, alpha: float = 0.99, center: bool = False):
+    def __init__(self, k: int = 10, gamma: float = 3.0, alpha: float = 0.9, balance: bool = True, center: bool = False):
         super().__init__(center)
+        self.balance = bool(balance)
         self.k, self.gamma, self.alpha = int(k), float(gamma), float(alpha)
         self.nodes = np.zeros((0, 0), np.float32)
         self.F = np.zeros((0, 0), np.float32)
@@ -87,6 +88,7 @@ class PropagateHead(Head):
             self._graph = (key, normalized_affinity(*knn_graph(nodes, k), self.gamma))
         self.nodes = nodes
         self._labeled_rows, self._y = np.arange(len(X)), yi
+        self._remember(X)
         self._solve()
         return self
 
@@ -97,6 +99,8 @@ class PropagateHead(Head):
     def _solve(self):
         F = spread(self._graph[1], self._labeled_rows, self._y, len(self.classes), self.alpha)
         F = np.maximum(F, 0)
+        if self.balance:  # each class's mass sums to 1 (Iscen et al.): big or central classes do not swamp small ones
+            F = F / np.maximum(F.sum(0, keepdims=True), 1e-12)
         self.F = (F / np.maximum(F.sum(1, keepdims=True), 1e-12)).astype(np.float32)
 
     def _logits(self, X):
@@ -128,6 +132,7 @@ class PropagateHead(Head):
         if self._graph is None:  # loaded from disk: no graph kept; fall back to refitting on the nodes
             raise NotImplementedError("a loaded propagate head has no graph; refit it with fit(X, y, unlabeled)")
         rows = self._match(Xn)
+        self._remember(X, append=True)
         self._labeled_rows = np.concatenate([self._labeled_rows, rows])
         self._y = np.concatenate([self._y, np.full(len(rows), len(self.classes) - 1)])
         self._solve()
