@@ -487,7 +487,7 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
     # ---- removing ------------------------------------------------------------------------
     def remove(self, ids: Sequence[int] | None = None, paths: Sequence[str] | None = None) -> int:
         """Remove images (their vectors in every version, labels, predictions) by id or path."""
-        ids = list(ids or [])
+        ids = [int(i) for i in (ids if ids is not None else [])]
         if paths:
             want = [str(Path(p).expanduser().resolve()) for p in paths]
             t = self.read_table("images", ["id", "path"], where=f"path IN ({', '.join(_sql_str(p) for p in want)})")

@@ -113,8 +113,8 @@ def test_search_page_renders_results_in_chromium(ui_server, browser):
     wait = WebDriverWait(browser, 120)
     browser.get(ui_server)
     wait.until(EC.presence_of_element_located((By.XPATH, "//h2[contains(., 'Search')]")))
-    # the browse grid: thumbnails with a "similar" button each; press the first to search by that image
-    similar = wait.until(EC.element_to_be_clickable((By.XPATH, "//button[.//p[text()='similar']]")))
+    # the browse grid: thumbnails with a "similar" button each (key browse_nb_<id>); press the first
+    similar = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "[class*='st-key-browse_nb_'] button")))
     similar.click()
     caption = "//*[@data-testid='stImageCaption' or @data-testid='caption']"
     ARTIFACTS.mkdir(exist_ok=True)

@@ -201,9 +201,10 @@ def grid(
     cols: int = 6,
     selectable: bool = False,
     neighbours: bool = True,
-    extra: tuple[str, Callable[[int], None]] | None = None,
+    extra: tuple[str, Callable[[int], None], str] | None = None,
 ) -> None:
-    """Thumbnails with captions; per tile an optional checkbox, a neighbours button and one extra button.
+    """Thumbnails with captions; per tile an optional checkbox, a neighbours button and one extra button
+    (extra = (icon label, callback(id), tooltip)).
 
     items: dicts with "id" and "caption".
     """
@@ -221,15 +222,15 @@ def grid(
                     st.image(str(path), caption=it.get("caption") or f"#{i}", width="stretch")
                 else:
                     st.warning(f"#{i}: image unreadable")
-                widths = ([1] if selectable else []) + ([3] if neighbours else []) + ([2] if extra else [])
+                widths = ([1] if selectable else []) + ([1] if neighbours else []) + ([1] if extra else [])
                 slots = iter(st.columns(widths, gap="small", vertical_alignment="center")) if widths else iter(())
                 if selectable:
                     next(slots).checkbox("select", key=f"{key}_sel_{i}", label_visibility="collapsed")
                 if neighbours:
-                    next(slots).button("similar", key=f"{key}_nb_{i}", on_click=show_neighbours, args=(i,),
-                                       help="show this image's nearest neighbours")
+                    next(slots).button(":material/image_search:", key=f"{key}_nb_{i}", on_click=show_neighbours,
+                                       args=(i,), help="similar: show this image's nearest neighbours")
                 if extra:
-                    next(slots).button(extra[0], key=f"{key}_x_{i}", on_click=extra[1], args=(i,))
+                    next(slots).button(extra[0], key=f"{key}_x_{i}", on_click=extra[1], args=(i,), help=extra[2])
 
 
 def class_picker(store, key: str, label: str = "class") -> str | None:

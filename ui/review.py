@@ -166,4 +166,4 @@ def render(store) -> None:
     common.select_buttons("review", ids)
     items = [{"id": int(r.id), "caption": f"#{int(r.id)} ≈ {r.label or common.UNKNOWN} ({r.confidence:.2f})"}
              for r in page.itertuples()]
-    common.grid(store, items, "review", selectable=True, extra=("why", _open_explain))
+    common.grid(store, items, "review", selectable=True, extra=(":material/help:", _open_explain, "why: the nearest labeled examples behind this prediction"))

@@ -147,7 +147,7 @@ def render(store) -> None:
     f_lab, f_pred = _filters(store)
     q = st.session_state.get("search_query")
     if not q:
-        st.caption("upload an image, type a text, or press “similar” under any image")
+        st.caption("upload an image, type a text, or press :material/image_search: under any image for its neighbours")
         _browse(store, f_lab, f_pred, k)
         return
     c1, c2 = st.columns([1, 5])
