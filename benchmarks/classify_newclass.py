@@ -88,7 +88,7 @@ def main() -> None:
     lab = np.concatenate([rng.choice(np.flatnonzero(y == c), args.shots, replace=False) for c in range(args.classes + 1)])
     old_lab, new_lab = lab[y[lab] != new], lab[y[lab] == new]
     unl = np.setdiff1d(np.arange(args.n), lab)
-    U = X[np.random.default_rng(2).choice(unl, min(len(unl), 10_000), replace=False)]  # as classify's max_unlabeled
+    U = X[np.random.default_rng(2).choice(unl, min(len(unl), 5_000), replace=False)]  # as classify's max_unlabeled
     names = np.array([f"c{c}" for c in range(args.classes)] + ["new"])
     test_new = unl[y[unl] == new]
 

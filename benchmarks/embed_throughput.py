@@ -3,7 +3,9 @@
 In one run, on the same images (N JPEG photo views of 640x480, written to a temp dir):
 
   ceiling      the backbone's forward pass alone on pre-decoded, pre-processed tensors, best over
-               batch size x memory format (contiguous / channels_last), torch's default threads;
+               batch size x memory format (contiguous / channels_last) x threading, with torch's
+               default thread count: "intra" (one batch on all threads, OpenMP) or, on CPU, "streams"
+               (one batch per thread, one intra-op thread each: what the CPU pipeline does);
   end-to-end   `store.add(folder)` into a fresh store: listing, hashing, decode + preprocessing,
                forward, LanceDB commits and compaction, timed from call to return (model already loaded);
   ratio        end-to-end / ceiling. Target on CPU for efficientnet_lite0: >= 0.75.
@@ -73,30 +75,44 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def forward_rate(bb, pool: torch.Tensor, device: str, bs: int, fmt: str, images: int) -> float:
-    """Images/s of the forward pass alone at batch size `bs` and memory format `fmt`."""
+def forward_rate(bb, pool: torch.Tensor, device: str, bs: int, fmt: str, images: int, mode: str = "intra") -> float:
+    """Images/s of the forward pass alone at batch size `bs` and memory format `fmt`.
+
+    mode "intra": one batch at a time on torch's threads (OpenMP intra-op parallelism);
+    mode "streams": as many batches at once as torch has threads, each on one intra-op thread (CPU only).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
     bb.image_model.to(memory_format=mf)
     reps = -(-bs // len(pool))
     x = torch.cat([pool] * reps)[:bs].to(device).contiguous(memory_format=mf)
     cuda = device.startswith("cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    with amp:
-        bb.forward(x)  # warm-up (allocations, cudnn / oneDNN kernel choice)
-        _sync(device)
-        steps = max(2, -(-images // bs))
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            bb.forward(x)
-        _sync(device)
+    threads = torch.get_num_threads()
+    streams = threads if mode == "streams" else 1
+    steps = max(2 * streams, -(-images // bs))
+    try:
+        if mode == "streams":
+            torch.set_num_threads(1)
+        with amp, ThreadPoolExecutor(streams) as ex:
+            list(ex.map(lambda _: bb.forward(x), range(streams)))  # warm-up (allocations, kernel choice)
+            _sync(device)
+            t0 = time.perf_counter()
+            list(ex.map(lambda _: bb.forward(x), range(steps)))
+            _sync(device)
+    finally:
+        torch.set_num_threads(threads)
     return steps * bs / (time.perf_counter() - t0)
 
 
-def sweep(bb, pool, device, batch_sizes, formats, images) -> list[dict]:
+def sweep(bb, pool, device, batch_sizes, formats, modes, images) -> list[dict]:
     rows = []
-    for fmt in formats:
-        for bs in batch_sizes:
-            rows.append({"format": fmt, "batch_size": bs, "images_per_second": forward_rate(bb, pool, device, bs, fmt, images)})
+    for mode in modes:
+        for fmt in formats:
+            for bs in batch_sizes:
+                rate = forward_rate(bb, pool, device, bs, fmt, images, mode)
+                rows.append({"mode": mode, "format": fmt, "batch_size": bs, "images_per_second": rate})
     return rows
 
 
@@ -132,6 +148,8 @@ def main(argv=None) -> dict:
     cuda = args.device.startswith("cuda")
     batch_sizes = [32, 64, 128, 256, 512] if cuda else [1, 4, 8, 16, 32, 64]
     formats = ["contiguous", "channels_last"]
+    # the ceiling is the best way to run the model alone: one batch on all threads, or (CPU) one per thread
+    modes = ["intra"] if cuda or torch.get_num_threads() == 1 else ["intra", "streams"]
     sweep_images = args.sweep_images or (2048 if cuda else 64)
 
     with tempfile.TemporaryDirectory(prefix="embed_throughput_") as tmp:
@@ -143,7 +161,7 @@ def main(argv=None) -> dict:
 
         bb = load_backbone(args.backbone, args.weights, device=args.device)
         pool = predecode(bb, paths)
-        grid = sweep(bb, pool, args.device, batch_sizes, formats, sweep_images)
+        grid = sweep(bb, pool, args.device, batch_sizes, formats, modes, sweep_images)
         best = max(grid, key=lambda r: r["images_per_second"])
 
         runs = []
@@ -151,7 +169,7 @@ def main(argv=None) -> dict:
             e2e = end_to_end(tmp / "images", args.n, args, tmp, k)
             budget = args.ceiling_seconds or max(2.0, e2e["seconds"] / 3)
             images = max(best["batch_size"] * 2, int(best["images_per_second"] * budget))
-            ceil = forward_rate(bb, pool, args.device, best["batch_size"], best["format"], images)
+            ceil = forward_rate(bb, pool, args.device, best["batch_size"], best["format"], images, best["mode"])
             runs.append({**e2e, "ceiling": ceil, "ratio": e2e["images_per_second"] / ceil})
 
     ratio = statistics.median(r["ratio"] for r in runs)
@@ -163,7 +181,7 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
-        "ceiling_best": {"batch_size": best["batch_size"], "format": best["format"]},
+        "ceiling_best": {"mode": best["mode"], "batch_size": best["batch_size"], "format": best["format"]},
         "ceiling_sweep": [{**r, "images_per_second": round(r["images_per_second"], 2)} for r in grid],
         "runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in runs],
         "end_to_end_images_per_second": round(statistics.median(r["images_per_second"] for r in runs), 2),
@@ -182,12 +200,15 @@ def print_table(r: dict) -> None:
     print(f"\n{r['backbone']} on {r['device']} ({r['torch_threads']} torch threads, {r['cpu_count']} CPUs, "
           f"load {r['load_avg_1m']:.1f}), {r['n']} JPEGs 640x480")
     print("\nforward-only ceiling (pre-decoded tensors), images/s")
-    fmts = sorted({x["format"] for x in r["ceiling_sweep"]})
+    cols = sorted({(x["mode"], x["format"]) for x in r["ceiling_sweep"]})
     sizes = sorted({x["batch_size"] for x in r["ceiling_sweep"]})
-    print(f"{'batch':>8} " + " ".join(f"{f:>15}" for f in fmts))
-    cell = {(x["format"], x["batch_size"]): x["images_per_second"] for x in r["ceiling_sweep"]}
+    print(f"{'batch':>8} " + " ".join(f"{m + '/' + f:>22}" for m, f in cols))
+    cell = {(x["mode"], x["format"], x["batch_size"]): x["images_per_second"] for x in r["ceiling_sweep"]}
     for bs in sizes:
-        print(f"{bs:>8} " + " ".join(f"{cell[(f, bs)]:>15.1f}" for f in fmts))
+        print(f"{bs:>8} " + " ".join(f"{cell[(m, f, bs)]:>22.1f}" for m, f in cols))
+    b = r["ceiling_best"]
+    print(f"best: {b['mode']}, {b['format']}, batch {b['batch_size']}  (intra = one batch on all torch threads; "
+          "streams = one batch per thread, 1 intra-op thread each)")
     print(f"\n{'run':>4} {'add img/s':>10} {'add s':>8} {'embed img/s':>12} {'ceiling img/s':>14} {'ratio':>6}")
     for i, x in enumerate(r["runs"]):
         print(f"{i:>4} {x['images_per_second']:>10.1f} {x['seconds']:>8.1f} {x['embed_images_per_second']:>12.1f} "

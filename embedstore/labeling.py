@@ -40,7 +40,7 @@ PREDICTIONS_SCHEMA = pa.schema(
 )
 SOURCES = ("human", "model")
 TEXT_HEADS = ("zeroshot", "fused")
-MAX_UNLABELED = 10_000  # unlabeled vectors a head sees while fitting (transductive heads, centering)
+MAX_UNLABELED = 5_000  # unlabeled vectors a head sees while fitting (transductive heads, centering)
 NO_LABELS_HINT = "label a few images per class first: embedstore label STORE --class NAME IMAGES..."
 
 
@@ -273,7 +273,7 @@ class LabelMixin:
         labels = self.labels(source=None)
         if not labels:
             raise EmptyInputError(f"no labeled images yet; {NO_LABELS_HINT}")
-        lab = np.array([i for i, v in enumerate(vs.ids) if int(v) in labels], dtype=np.int64)
+        lab = np.flatnonzero(np.isin(vs.ids, np.fromiter(labels, np.int64, len(labels))))
         if len(lab) == 0:
             raise EmptyInputError(f"no labeled image has a vector in version {vs.version} yet; {NO_LABELS_HINT}")
         y = [labels[int(vs.ids[i])] for i in lab]
@@ -356,10 +356,12 @@ class LabelMixin:
             self._attach_explanations(preds, vs, lab, target, k_explain)
         if persist:
             self._write_predictions(preds, vs.version, replace_all=ids is None)
-        per_class = {}
-        for c in h.classes:
-            cs = [p["confidence"] for p in preds if p["label"] == c]
-            per_class[c] = {"count": len(cs), "mean_confidence": round(float(np.mean(cs)), 4) if cs else None}
+        sums: dict = {c: [0, 0.0] for c in h.classes}
+        for p in preds:
+            if p["label"] is not None:
+                sums[p["label"]][0] += 1
+                sums[p["label"]][1] += p["confidence"]
+        per_class = {c: {"count": n, "mean_confidence": round(t / n, 4) if n else None} for c, (n, t) in sums.items()}
         return {
             "head": head,
             "chosen": chosen,

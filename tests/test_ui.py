@@ -67,7 +67,7 @@ def test_search_similar_button_and_label_filter(photo_store, monkeypatch):
     at.multiselect(key="search_f_label").set_value(["cat"]).run()
     results = [c for c in captions(at) if c[:1].isdigit()]
     assert sorted(int(c.split("#")[1].split()[0]) for c in results) == sorted(cat[1:3])
-    assert all("🏷 cat" in c for c in results)
+    assert all("✓ cat" in c for c in results)
 
 
 def test_labeling_writes_label_rows(photo_store, monkeypatch):
@@ -122,8 +122,8 @@ def test_review_accept_and_why(photo_store, monkeypatch):
     at.button(key=f"review_x_{first}").click().run()  # "why": the nearest labeled examples
     assert not at.exception, [e.value for e in at.exception]
     assert any(f"Why image #{first}" in h.value for h in at.subheader)
-    evidence = [c for c in captions(at) if "🏷" in c]
-    assert len(evidence) == 6 and all(c.split("🏷 ")[1] in ("astronaut", "coffee") for c in evidence)
+    evidence = [c for c in captions(at) if "✓" in c]
+    assert len(evidence) == 6 and all(c.split("✓ ")[1] in ("astronaut", "coffee") for c in evidence)
     boxes = [cb for cb in at.checkbox if cb.key and cb.key.startswith("review_sel_")]  # the page changed
     for cb in boxes[:2]:
         cb.check()
@@ -166,3 +166,17 @@ def test_ui_command_errors_are_one_line(tmp_path, photo_store_path):
         port = s.getsockname()[1]
         r = CliRunner().invoke(cli_app, ["ui", str(photo_store_path), "--port", str(port)])
     assert r.exit_code == 2 and f"127.0.0.1:{port}" in r.output and "--port" in r.output
+
+
+def test_text_search_on_a_clip_store(photo_dir, tmp_path, monkeypatch):
+    from conftest import TINY_CLIP
+
+    files = sorted(photo_dir.rglob("*.jpg"))[::10][:6]  # one view of six photos
+    store = embedstore.open(tmp_path / "clip.es", backbone=TINY_CLIP)
+    store.add(files, progress=False)
+    at = open_app(store, monkeypatch)
+    at.text_input(key="search_text").input("a photo of a cat").run()
+    assert not at.exception, [e.value for e in at.exception]
+    results = [c for c in captions(at) if c[:1].isdigit() or c[:1] == "-"]
+    assert len(results) == 6  # every image, ranked by its similarity to the text
+    assert any("a photo of a cat" in m.value for m in at.markdown)

@@ -54,8 +54,8 @@ def main() -> None:
     with st.sidebar:
         st.title("embedstore")
         page = st.radio("page", list(PAGES), key="nav", label_visibility="collapsed")
-        info = store.info()
-        st.caption(f"`{store.root.name}` · {info['images']:,} images · {info['backbone']} ({info['version']})")
+        v = store.version_info()  # counts only: store.info() is the Store page's, it asks every stage
+        st.caption(f"`{store.root.name}` · {store.count_images():,} images · {v['name']} ({store.active_version})")
     PAGES[page](store)
 
 

@@ -21,7 +21,7 @@ from embedstore.errors import EmbedstoreError
 from . import thumbs
 
 UNKNOWN = "(unknown)"  # the bucket of images the heads abstained on
-NEW_CLASS = "➕ new class…"
+NEW_CLASS = "+ new class…"
 
 
 # ---- the store ----------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def annotate(store, ids: Sequence[int]) -> tuple[list, list]:
 
 def describe(label, prediction, confidence=None) -> str:
     if label:
-        return f"🏷 {label}"
+        return f"✓ {label}"
     if prediction:
         return f"≈ {prediction}" + (f" ({confidence:.2f})" if confidence is not None else "")
     return ""

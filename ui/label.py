@@ -59,7 +59,7 @@ def render(store) -> None:
 
     batch = _batch(store, int(n))
     if not batch:
-        st.info("every image is labeled 🎉")
+        st.info("every image is labeled")
         return
     ids = [int(b["id"]) for b in batch]
     lab, pred = common.annotate(store, ids)

@@ -100,5 +100,8 @@ def render(store) -> None:
     inside = df[df["x"].between(x0, x1) & df["y"].between(y0, y1)]
     st.subheader(f"{len(inside)} images in the region")
     sl = common.pager(len(inside), "map_sel", 24)
-    common.grid(store, [{"id": int(r.id), "caption": f"#{int(r.id)} {r.label if r.label != UNLABELED else '≈ ' + r.prediction}"}
-                        for r in inside.iloc[sl].itertuples()], "map_sel")
+    items = []
+    for r in inside.iloc[sl].itertuples():
+        lab = None if r.label == UNLABELED else r.label
+        items.append({"id": int(r.id), "caption": f"#{int(r.id)} {common.describe(lab, None if lab else r.prediction)}"})
+    common.grid(store, items, "map_sel")

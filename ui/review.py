@@ -39,7 +39,7 @@ def _explain(store, i: int) -> None:
             q.image(str(f), caption=f"#{i}", width="stretch")
         with rest:
             st.caption("nearest labeled examples")
-            items = [{"id": n["id"], "caption": f"{n['similarity']:.3f} · 🏷 {n['label']}"} for n in ex.get("neighbors", [])]
+            items = [{"id": n["id"], "caption": f"{n['similarity']:.3f} · ✓ {n['label']}"} for n in ex.get("neighbors", [])]
             common.grid(store, items, "review_ex", neighbours=False)
         sims = ex.get("class_similarity") or {}
         if sims:

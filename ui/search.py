@@ -32,11 +32,10 @@ def _clear() -> None:
     st.session_state["search_text"] = ""
 
 
-def _filters(store) -> tuple[set, set]:
+def _filters(store, c1, c2) -> tuple[set, set]:
     classes = common.classes(store)
     if not classes:
         return set(), set()
-    c1, c2 = st.columns(2)
     lab = c1.multiselect("label is", classes + [common.UNKNOWN], key="search_f_label",
                          help=f"{common.UNKNOWN}: images with no label")
     pred = c2.multiselect("prediction is", classes + [common.UNKNOWN], key="search_f_pred",
@@ -143,8 +142,9 @@ def render(store) -> None:
                       placeholder="a photo of a cat", help="needs a CLIP backbone (it has one)")
     else:
         c2.caption(f"text search needs a CLIP backbone; this store uses {store.version_info()['name']}")
-    k = st.slider("results", 6, 120, 24, step=6, key="search_k")
-    f_lab, f_pred = _filters(store)
+    c0, c1, c2 = st.columns(3)
+    k = c0.slider("results", 6, 120, 24, step=6, key="search_k")
+    f_lab, f_pred = _filters(store, c1, c2)
     q = st.session_state.get("search_query")
     if not q:
         st.caption("upload an image, type a text, or press :material/image_search: under any image for its neighbours")

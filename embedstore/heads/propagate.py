@@ -140,12 +140,14 @@ class PropagateHead(Head):
 
     def _match(self, Xn):
         """Graph rows holding these vectors (new vectors must be part of the collection the graph was built on)."""
-        from ..errors import InvalidArgumentError
-
         S = Xn @ self.nodes.T
         rows = S.argmax(1)
-        if (S[np.arange(len(Xn)), rows] < 1 - 1e-4).any():
-            raise InvalidArgumentError("add_class on a propagate head needs vectors from its collection; refit with fit()")
+        new = S[np.arange(len(Xn)), rows] < 1 - 1e-4
+        if new.any():  # vectors outside the collection the graph was built on: add them as nodes, rebuild
+            rows[new] = len(self.nodes) + np.arange(int(new.sum()))
+            self.nodes = np.vstack([self.nodes, Xn[new]])
+            k = max(1, min(self.k, len(self.nodes) - 1))
+            self._graph = (self._key(self.nodes), normalized_affinity(*knn_graph(self.nodes, k), self.gamma))
         return rows
 
     def _arrays(self):
