@@ -132,7 +132,7 @@ def main() -> None:
                 got = {p["id"]: p["label"] for p in res["predictions"]}
                 acc = float(np.mean([got[int(i)] == "new" for i in test_new]))
                 store_rows.append({
-                    "head": res["chosen"], "label_new_class_s": round(t_label, 3), "read_vectors_s": round(t_read, 3),
+                    "head": name if res["chosen"] == name else f"{name} ({res['chosen']})", "label_new_class_s": round(t_label, 3), "read_vectors_s": round(t_read, 3),
                     "classify_s": round(t_cls, 3), "predictions": len(res["predictions"]), "new_class_acc": round(acc, 4),
                 })
 

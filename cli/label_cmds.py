@@ -49,6 +49,8 @@ def register(app: typer.Typer) -> None:
         modes = sum([cls is not None, csv_ is not None, folders is not None])
         if modes != 1:
             raise InvalidArgumentError("pass exactly one of --class NAME (with images), --csv FILE or --folders DIR")
+        if cls is None and (items or ids):
+            raise InvalidArgumentError("images on the command line need --class NAME; --csv and --folders name their own")
         s = open_store(store)
         if csv_ is not None:
             res = s.label_csv(csv_, source=source)

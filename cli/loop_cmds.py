@@ -54,16 +54,21 @@ def register(app: typer.Typer) -> None:
         if json_:
             emit_json(rows)
             return
+        from rich import box
         from rich.table import Table
 
-        t = Table("version", "active", "created", "parent", "backbone", "method", "status", "vectors", "eval acc", "held-out acc")
+        t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("version", "", "parent", "method", "status", "vectors", "eval", "held-out"):
+            t.add_column(col, no_wrap=True)
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         for r in rows:
             t.add_row(
-                r["version"], "*" if r["active"] else "", (r["created"] or "")[:19], r["parent"] or "-", r["backbone"],
-                r["method"] or "-", r["status"], str(r["vectors"]), fmt(r["eval_accuracy"]), fmt(r["holdout_accuracy"]),
+                r["version"], "*" if r["active"] else "", r["parent"] or "-", r["method"] or "-", r["status"],
+                str(r["vectors"]), fmt(r["eval_accuracy"]), fmt(r["holdout_accuracy"]),
             )
         out.print(t)
+        out.print("* = active; eval: latest `embedstore eval` best-head accuracy; held-out: the fine-tune's activation check",
+                  highlight=False)
 
     @app.command()
     @handle_errors

@@ -11,6 +11,7 @@ on 2 cores; see _embed_cpu_streams for why threads instead of workers).
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import os
@@ -59,13 +60,40 @@ def load_image(src, pre: PreprocessCfg | None = None) -> Image.Image:
         return im.convert("RGB")
 
 
+@functools.lru_cache(maxsize=16)
+def _geometry(pre: PreprocessCfg) -> Callable:
+    """The resize + centre-crop part of the model's eval transform (everything before ToTensor)."""
+    from torchvision.transforms import Compose
+
+    return Compose(pre.build_transform().transforms[:-2])
+
+
+def preprocess_uint8(im: Image.Image, pre: PreprocessCfg) -> np.ndarray:
+    """RGB image -> (H, W, 3) uint8: `pre.build_transform()` up to its ToTensor (Resize + CenterCrop).
+
+    Normalisation happens per batch (`normalize_batch`): one vectorised pass instead of ToTensor's
+    per-image transpose + divide and Normalize's per-image mean/std tensors, on uint8 data that is 4x
+    smaller to move between processes, laid out channels_last as the model wants it.
+    (Pillow's resize(box=...) would resample only the crop, but its output differs from resize-then-crop
+    by up to 19/255 on some sizes, so the reference geometry is kept.)
+    """
+    return np.array(_geometry(pre)(im))  # a writable copy: torch.from_numpy shares it
+
+
+def normalize_batch(u8: torch.Tensor, pre: PreprocessCfg) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 normalised, channels_last memory (no copy to reorder)."""
+    x = u8.permute(0, 3, 1, 2).float()  # keeps the NHWC strides: channels_last
+    mean = torch.tensor([255.0 * m for m in pre.mean], device=x.device).view(1, 3, 1, 1)
+    inv_std = torch.tensor([1.0 / (255.0 * s) for s in pre.std], device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).mul_(inv_std)
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """(id, path) items -> (id, tensor) or (id, None, error message)."""
+    """(id, path) items -> (id, (H,W,3) uint8 tensor, None) or (id, None, error message)."""
 
     def __init__(self, items: Sequence[tuple[int, str]], pre: PreprocessCfg):
         self.items = list(items)
         self.pre = pre
-        self.tf = pre.build_transform()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -73,12 +101,13 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         id_, path = self.items[i]
         try:
-            return id_, self.tf(load_image(path, self.pre)), None
+            return id_, torch.from_numpy(preprocess_uint8(load_image(path, self.pre), self.pre)), None
         except Exception as e:  # recorded in the errors table; the run goes on
             return id_, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
 
 def _collate(batch):
+    """-> ids (B,), uint8 (B, H, W, 3) or None, [(id, error)]."""
     ok = [(i, t) for i, t, _ in batch if t is not None]
     bad = [(i, err) for i, t, err in batch if t is None]
     ids = torch.tensor([i for i, _ in ok], dtype=torch.int64)
@@ -185,7 +214,7 @@ def embed_items(
     for ids, x, bad in loader:
         vecs = np.zeros((0, backbone.dim), np.float32)
         if x is not None:
-            x = x.to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
+            x = normalize_batch(x.to(device, non_blocking=cuda), backbone.preprocess)
             if cuda:
                 with torch.autocast("cuda", dtype=amp_dtype):
                     vecs = backbone.forward(x).cpu().numpy()
@@ -223,7 +252,7 @@ def _embed_cpu_streams(backbone: Backbone, items, batch_size: int, progress, sta
         ids, x, bad = _collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
         vecs = np.zeros((0, backbone.dim), np.float32)
         if x is not None:
-            vecs = backbone.forward(x.contiguous(memory_format=torch.channels_last)).numpy()
+            vecs = backbone.forward(normalize_batch(x, backbone.preprocess)).numpy()
         return ids.numpy(), vecs.astype(np.float32, copy=False), bad
 
     threads = torch.get_num_threads()

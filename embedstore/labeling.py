@@ -340,7 +340,7 @@ class LabelMixin:
             missing = want - set(vs.ids.tolist())
             if missing:
                 raise InvalidArgumentError(f"image id(s) {sorted(missing)[:5]} have no vector; pass ids from the store")
-            target = np.array([i for i, v in enumerate(vs.ids) if int(v) in want], dtype=np.int64)
+            target = np.flatnonzero(np.isin(vs.ids, np.fromiter(want, np.int64, len(want))))
         else:
             target = unl
         from .heads import abstain
@@ -380,11 +380,7 @@ class LabelMixin:
         cur = self.labels(source=None)
         sims, idx = _neighbors(vs.vectors[target], vs.vectors[lab], k)
         classes = sorted(set(cur[int(i)] for i in vs.ids[lab]))
-        T = None
-        if self.has_text:
-            from .heads.zeroshot import TEMPLATES, text_prototypes
-
-            T = text_prototypes(self.backbone.embed_texts, classes, TEMPLATES)
+        T = self._class_text_prototypes(classes) if self.has_text else None
         for r, row_s, row_i, t in zip(preds, sims, idx, target):
             neighbors = [
                 {"id": int(vs.ids[lab[j]]), "path": vs.paths[lab[j]], "label": cur[int(vs.ids[lab[j]])], "similarity": round(float(s), 4)}
@@ -410,6 +406,10 @@ class LabelMixin:
                     t.delete(_id_pred(chunk))
             if rows:
                 t.add(data)
+            try:  # each classify rewrites the table: drop old versions so the store does not grow
+                t.optimize(cleanup_older_than=dt.timedelta(minutes=1))
+            except Exception:  # compaction is an optimisation only
+                pass
 
     def predictions(self) -> pa.Table:
         """The persisted predictions (id, label, confidence, head, version, time) plus the image path."""
@@ -466,11 +466,20 @@ class LabelMixin:
             "prompt_scores": prompt_scores,
         }
 
+    def _class_text_prototypes(self, classes: list[str]) -> np.ndarray:
+        """(C, D) prompt-ensemble text embeddings (the zero-shot head's), cached per version and class."""
+        from .heads.zeroshot import TEMPLATES, text_prototypes
+
+        cache = self.__dict__.setdefault("_text_proto_cache", {})
+        missing = [c for c in classes if (self.active_version, c) not in cache]
+        if missing:
+            for c, t in zip(missing, text_prototypes(self.backbone.embed_texts, missing, TEMPLATES)):
+                cache[(self.active_version, c)] = t
+        return np.stack([cache[(self.active_version, c)] for c in classes])
+
     def _prompt_scores(self, x: np.ndarray, classes: list[str]) -> dict[str, dict]:
         """Cosine of the image to each class's prompt-ensemble text embedding, and their softmax."""
-        from .heads.zeroshot import TEMPLATES, text_prototypes  # the zero-shot head's prompt ensemble
-
-        T = text_prototypes(self.backbone.embed_texts, classes, TEMPLATES)
+        T = self._class_text_prototypes(classes)
         s = T @ x
         p = np.exp(100 * (s - s.max()))
         p /= p.sum()

@@ -116,6 +116,10 @@ class LoopMixin:
         """
         from .finetune import FinetuneConfig
 
+        known = set(FinetuneConfig.__dataclass_fields__)
+        bad = sorted(set(options) - known)
+        if bad:
+            raise InvalidArgumentError(f"unknown fine-tune option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
         cfg = FinetuneConfig(method=method, **({"epochs": int(epochs)} if epochs else {}), **options).check()
         parent = self.active_version
         out: dict = {"parent": parent, "method": method}

@@ -23,7 +23,7 @@ import embedstore
 from embedstore.cli.app import app
 from embedstore.finetune import FinetuneConfig, split_holdout, tail_names
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the module-scoped fine-tune takes minutes on 2 CPU cores
 
 SHOTS = 10
 TRAIN = {"epochs": 4, "holdout": 0.3}  # 7 train + 3 held-out labels per class
@@ -89,6 +89,7 @@ def run(digits_store_path, tmp_path_factory):
     }
 
 
+@slow
 def test_kill_during_reembedding_leaves_old_version_active(run):
     assert run["killed"] == -signal.SIGKILL
     assert run["new"] is not None and 0 < run["partial"] < run["n_images"]
@@ -98,6 +99,7 @@ def test_kill_during_reembedding_leaves_old_version_active(run):
     assert vector_count(run["root"], run["old"]) == run["n_images"]  # old version intact
 
 
+@slow
 def test_rerun_finishes_the_job(run):
     r = run["result"]
     assert r["resumed"] is True and r["version"] == run["new"]
@@ -106,6 +108,7 @@ def test_rerun_finishes_the_job(run):
     assert run["store"].versions()[-1]["status"] == "ready"
 
 
+@slow
 def test_finetune_raises_accuracy_over_frozen_backbone(run):
     s, r = run["store"], run["result"]
     before = unlabeled_centroid_accuracy(s, run["old"], run["labels"], run["truth"])
@@ -117,6 +120,7 @@ def test_finetune_raises_accuracy_over_frozen_backbone(run):
     assert new["accuracy"] > old["accuracy"] or (new["accuracy"] == old["accuracy"] and new["log_loss"] < old["log_loss"])
 
 
+@slow
 def test_weights_live_in_the_store_and_load_as_weights(run):
     e = run["store"].version_info(run["new"])
     assert e["weights"] == f"models/{run['new']}.pt" and e["parent"] == run["old"]
@@ -126,10 +130,12 @@ def test_weights_live_in_the_store_and_load_as_weights(run):
     assert bb.version == run["new"]
 
 
+@slow
 def test_labels_never_change(run):
     assert run["store"].labels() == run["labels"]
 
 
+@slow
 def test_versions_json(run):
     res = CliRunner().invoke(app, ["versions", str(run["root"]), "--json"])
     assert res.exit_code == 0, res.output
@@ -143,6 +149,7 @@ def test_versions_json(run):
     assert by[run["new"]]["holdout_accuracy"] is not None
 
 
+@slow
 def test_use_rolls_back_and_old_version_is_searchable(run):
     s, root = run["store"], run["root"]
     res = CliRunner().invoke(app, ["use", str(root), run["old"][:6], "--json"])  # a unique prefix works
@@ -163,6 +170,7 @@ def test_use_rolls_back_and_old_version_is_searchable(run):
     assert len(s.search(id=qid, k=3)) == 3
 
 
+@slow
 def test_images_added_later_are_embedded_on_use(run, digits_dir, tmp_path):
     from PIL import Image
 
@@ -175,6 +183,7 @@ def test_images_added_later_are_embedded_on_use(run, digits_dir, tmp_path):
     run["n_images"] += 1
 
 
+@slow
 def test_prune_removes_an_inactive_version(run):
     s = embedstore.open(run["root"], create=False)
     assert s.active_version == run["new"]
@@ -210,3 +219,33 @@ def test_bad_config():
 
     with pytest.raises(InvalidArgumentError, match="holdout"):
         FinetuneConfig(holdout=0.95).check()
+
+
+def test_split_frozen_prefix_matches_the_whole_model():
+    import timm
+    import torch
+
+    from embedstore.finetune import split_frozen_prefix
+
+    torch.manual_seed(0)
+    m = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    prefix, tail = split_frozen_prefix(m, 2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tail(prefix(x)), m(x))
+    assert split_frozen_prefix(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1) is None
+
+
+def test_exported_weights_load_as_weights_into_the_same_backbone(tmp_path, digits_dir):
+    import torch
+
+    from embedstore.backbones import load_backbone
+    from embedstore.finetune import export_state_dict
+
+    bb = load_backbone("offline:efficientnet_lite0")
+    f = tmp_path / "same.pt"
+    torch.save(export_state_dict(bb, bb.image_model), f)
+    again = load_backbone("offline:efficientnet_lite0", weights=str(f))
+    assert again.version != bb.version and again.describe()["weights_id"].startswith("sha256:")
+    img = [str(next(digits_dir.rglob("*.png")))]
+    np.testing.assert_allclose(again.embed_images(img), bb.embed_images(img), atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from embedstore.cli.app import app
-from embedstore.errors import InvalidArgumentError
+from embedstore.errors import EmptyInputError, InvalidArgumentError
 from embedstore.loop import PLATEAU_MARGIN, PLATEAU_WINDOW, plateau_rule
 
 
@@ -100,6 +100,10 @@ def test_version_errors(digits_store):
         s.prune(s.active_version)
     with pytest.raises(InvalidArgumentError, match="unknown fine-tune method"):
         s.finetune(method="dora", progress=False)
+    with pytest.raises(InvalidArgumentError, match="unknown fine-tune option"):
+        s.finetune(progress=False, learning_rate=1)
+    with pytest.raises(EmptyInputError, match="no labeled images"):
+        s.finetune(progress=False)
     res = CliRunner().invoke(app, ["use", str(s.root), "nope"])
     assert res.exit_code == 2 and "unknown version" in res.output and "Traceback" not in res.output
 

@@ -168,6 +168,7 @@ def test_ui_command_errors_are_one_line(tmp_path, photo_store_path):
     assert r.exit_code == 2 and f"127.0.0.1:{port}" in r.output and "--port" in r.output
 
 
+@pytest.mark.slow  # loads a ViT-B-32 twice (~30 s on 2 cores)
 def test_text_search_on_a_clip_store(photo_dir, tmp_path, monkeypatch):
     from conftest import TINY_CLIP
 

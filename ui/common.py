@@ -55,29 +55,11 @@ def run_write(store, fn: Callable, *args, **kw):
 
 def call(store, method: str, *args, default=None, **kw):
     """Call a store API method; an EmbedstoreError (e.g. 'no labels yet') becomes an info line."""
-    fn = getattr(store, method, None)
-    if fn is None:
-        return default
     try:
-        return fn(*args, **kw)
+        return getattr(store, method)(*args, **kw)
     except EmbedstoreError as e:
         st.info(str(e))
         return default
-    except ImportError as e:  # the method is declared but its stage's module has not landed yet
-        st.info(f"`store.{method}()` is not available yet ({e})")
-        return default
-
-
-def has(store, *methods: str) -> bool:
-    return all(callable(getattr(store, m, None)) for m in methods)
-
-
-def needs(store, *methods: str, stage: str) -> bool:
-    """True when the API is there; otherwise says which stage brings it (the page degrades, never fails)."""
-    missing = [m for m in methods if not callable(getattr(store, m, None))]
-    if missing:
-        st.info(f"This part needs `store.{missing[0]}()`, which comes with the {stage} stage of embedstore.")
-    return not missing
 
 
 # ---- cached tables (keyed on LanceDB table versions) ---------------------------------------------
@@ -110,9 +92,7 @@ def _labels(root: str, key: int, _store) -> dict[int, str]:
 
 
 def labels(store) -> dict[int, str]:
-    """id -> label, human or accepted (empty until the labeling stage exists or before any label)."""
-    if not has(store, "labels"):
-        return {}
+    """id -> label, of every source (human, model)."""
     return _labels(str(store.root), table_version(store, "labels"), store)
 
 
@@ -122,9 +102,17 @@ def _classes(root: str, key: tuple, _store) -> list[str]:
 
 
 def classes(store) -> list[str]:
-    if not has(store, "classes"):
-        return sorted(set(labels(store).values()))
     return _classes(str(store.root), (table_version(store, "labels"), table_version(store, "predictions")), store)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _class_counts(root: str, key: int, _store) -> dict[str, int]:
+    return dict(_store.class_counts())
+
+
+def class_counts(store) -> dict[str, int]:
+    """class -> number of labeled images."""
+    return _class_counts(str(store.root), table_version(store, "labels"), store)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -138,16 +126,24 @@ def _predictions(root: str, key: int, _store) -> pd.DataFrame:
 
 def predictions(store) -> pd.DataFrame:
     """One row per image: id (also the index), label (None = abstained), confidence, head."""
-    if not has(store, "predictions"):
-        return pd.DataFrame(columns=["id", "label", "confidence", "head"])
     return _predictions(str(store.root), table_version(store, "predictions"), store)
 
 
 def annotate(store, ids: Sequence[int]) -> tuple[list, list]:
-    """(human labels, predicted labels) for these ids, from the cached tables."""
-    lab, pred = labels(store), predictions(store)
-    plab = pred["label"].to_dict() if len(pred) else {}
-    return [lab.get(int(i)) for i in ids], [plab.get(int(i)) for i in ids]
+    """(labels, predicted labels) for these ids, from the cached tables; None where there is none."""
+    lab = labels(store)
+    return [lab.get(int(i)) for i in ids], _lookup(predictions(store), "label", ids)
+
+
+def confidences(store, ids: Sequence[int]) -> list:
+    return _lookup(predictions(store), "confidence", ids)
+
+
+def _lookup(df: pd.DataFrame, column: str, ids: Sequence[int]) -> list:
+    if len(df) == 0:
+        return [None] * len(ids)
+    vals = df[column].reindex(np.asarray(ids, dtype=np.int64))  # a vectorised lookup, not a dict of 100k rows
+    return [None if pd.isna(v) else v for v in vals.tolist()]
 
 
 def describe(label, prediction, confidence=None) -> str:
@@ -246,7 +242,7 @@ def class_picker(store, key: str, label: str = "class") -> str | None:
 
 def refresh_predictions(store) -> None:
     """Re-run the few-shot heads over the store (no retraining step: heads fit in seconds)."""
-    if not has(store, "classify") or len(classes(store)) < 1:
+    if len(set(labels(store).values())) < 2:  # the heads need two classes
         return
     with st.spinner("updating predictions…"):
         try:

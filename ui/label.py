@@ -43,13 +43,9 @@ def _save(store, ids: list[int], cls: str) -> None:
 
 def render(store) -> None:
     st.header("Label")
-    if not common.needs(store, "label", "classes", stage="labeling"):
-        return
     if msg := st.session_state.pop("label_msg", None):
         st.success(msg)
-    counts = {}
-    for c in common.labels(store).values():
-        counts[c] = counts.get(c, 0) + 1
+    counts = common.class_counts(store)
     if counts:
         st.caption("labeled: " + " · ".join(f"**{c}** {n}" for c, n in sorted(counts.items())))
     c1, c2, c3 = st.columns([1, 1, 2])
@@ -63,12 +59,11 @@ def render(store) -> None:
         return
     ids = [int(b["id"]) for b in batch]
     lab, pred = common.annotate(store, ids)
-    conf = common.predictions(store)["confidence"].to_dict()
     items = []
-    for b, l, p in zip(batch, lab, pred):
+    for b, l, p, c in zip(batch, lab, pred, common.confidences(store, ids)):
         p = p or b.get("prediction")
         why = (b.get("reason") or "").split(" (")[0]
-        items.append({"id": b["id"], "caption": f"#{b['id']} {common.describe(l, p, conf.get(b['id']))} · {why}".strip()})
+        items.append({"id": b["id"], "caption": f"#{b['id']} {common.describe(l, p, c)} · {why}".strip()})
 
     with st.container(border=True):
         cc1, cc2 = st.columns([2, 1])

@@ -92,7 +92,7 @@ def render(store) -> None:
         .properties(height=520)
     )
     st.caption(f"{len(df):,} of {total:,} images · {method} · hover a point for its thumbnail, drag a box to list a region")
-    event = st.altair_chart(chart, on_select="rerun", selection_mode="region", key="map_chart", width="stretch")
+    event = st.altair_chart(chart, on_select="rerun", selection_mode="region", key="map_chart")
     region = (event or {}).get("selection", {}).get("region") or {}
     if not region.get("x") or not region.get("y"):
         return

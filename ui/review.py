@@ -58,9 +58,6 @@ def _counts(store, preds: pd.DataFrame, labels: dict) -> pd.DataFrame:
 
 
 def _evaluation(store) -> None:
-    if not common.has(store, "eval_history"):
-        st.caption("evaluation comes with the labeling stage")
-        return
     hist = common.call(store, "eval_history", default=[]) or []
     if st.button("run evaluation now", key="review_eval"):
         with st.spinner("few-shot evaluation…"):
@@ -80,11 +77,15 @@ def _evaluation(store) -> None:
                             labels={"x": "predicted", "y": "true", "color": "images"})
             fig.update_layout(height=120 + 32 * len(classes), margin=dict(l=0, r=0, t=30, b=0),
                               title=f"confusion ({conf.get('head', last.get('best_head', ''))})")
-            st.plotly_chart(fig, width="stretch")
-    per_class = _find(last, "per_class")
-    if isinstance(per_class, dict) and per_class:
-        st.dataframe(pd.DataFrame(per_class).T.rename_axis("class"), width="stretch")
-    if not conf and not per_class:
+            st.plotly_chart(fig)
+    from .store import curve_rows
+
+    curve = pd.DataFrame(curve_rows(last))
+    if not curve.empty:
+        st.caption(f"few-shot accuracy by head and labeled images per class ({last.get('n_labels', '?')} labels, "
+                   f"best: {last.get('best_head')})")
+        st.dataframe(curve.pivot_table(index="head", columns="shots", values="accuracy"), width="stretch")
+    elif not conf:
         st.json(last, expanded=False)
 
 
@@ -112,8 +113,6 @@ def _apply(store, ids: list[int], cls: str, verb: str) -> None:
 
 def render(store) -> None:
     st.header("Review")
-    if not common.needs(store, "predictions", "label", stage="labeling"):
-        return
     if msg := st.session_state.pop("review_msg", None):
         st.success(msg)
     if (i := st.session_state.get("review_explain")) is not None:

@@ -106,9 +106,9 @@ def _results(store, q: dict, k: int, f_lab: set, f_pred: set) -> None:
     except common.EmbedstoreError as e:
         st.error(str(e))
         return
-    conf = common.predictions(store)["confidence"].to_dict()
+    conf = common.confidences(store, [h["id"] for h in hits])
     shown = [{"id": h["id"], "caption": f"{h['score']:.3f} · #{h['id']} "
-              + common.describe(h.get("label"), h.get("prediction"), conf.get(h["id"]))} for h in hits]
+              + common.describe(h.get("label"), h.get("prediction"), c)} for h, c in zip(hits, conf)]
     what = "other images nearest to it" if "id" in q else "nearest images"
     st.caption(f"{len(shown)} {what} (cosine similarity)" + (" matching the filters" if f_lab or f_pred else ""))
     common.grid(store, shown, "search_res")
@@ -131,9 +131,6 @@ def _browse(store, f_lab: set, f_pred: set, per_page: int) -> None:
 
 def render(store) -> None:
     st.header("Search")
-    if not common.needs(store, "search", stage="search"):
-        _browse(store, set(), set(), 36)
-        return
     c1, c2 = st.columns([1, 1])
     c1.file_uploader("search by image", type=["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"],
                      key="search_upload", on_change=_on_upload)

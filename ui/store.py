@@ -9,25 +9,17 @@ from . import common, thumbs
 
 
 def _versions(store) -> pd.DataFrame:
-    if common.has(store, "versions"):
-        rows = common.call(store, "versions", default=[]) or []
-    else:  # before the loop stage: the manifest's list
-        rows = [{"version": v, **{k: d.get(k) for k in ("name", "dim", "created", "parent")}}
-                for v, d in store.manifest["versions"].items()]
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(common.call(store, "versions", default=[]) or [])
     if "version" in df and "active" not in df:
         df.insert(0, "active", df["version"] == store.active_version)
     return df
 
 
 def _learning_curve(store) -> None:
-    if not common.has(store, "eval_history"):
-        st.caption("learning curves come with the labeling stage (`embedstore eval`)")
-        return
     hist = common.call(store, "eval_history", "all", default=[]) or []
     rows = []
     for run in hist:
-        for r in _curve_rows(run):
+        for r in curve_rows(run):
             rows.append({**r, "run": str(run.get("run_id", "")), "version": run.get("version", "")})
     if not rows:
         st.caption("no evaluation yet: run `embedstore eval STORE` or use the Review page")
@@ -42,13 +34,13 @@ def _learning_curve(store) -> None:
                   title=f"learning curve (latest run, version {last['version'].iloc[0]})")
     fig.update_xaxes(type="log", tickvals=sorted(last["shots"].unique()))
     fig.update_yaxes(range=[0, 1.02])
-    st.plotly_chart(fig, width="stretch")
+    st.plotly_chart(fig)
     runs = pd.DataFrame([{k: run.get(k) for k in ("run_id", "time", "version", "n_labels", "n_classes", "best_head",
                                                   "best_accuracy")} for run in hist]).dropna(axis=1, how="all")
     st.dataframe(runs, width="stretch", hide_index=True)
 
 
-def _curve_rows(run: dict) -> list[dict]:
+def curve_rows(run: dict) -> list[dict]:
     """(head, shots, accuracy, std) rows from one stored eval run, whatever nesting evaluate.py used."""
     res = run.get("results", run)  # evaluate.py: results.heads = {head: {shots: {mean, std, episodes}}}
     curves = res.get("heads") or res.get("curves") or {}
