@@ -407,3 +407,44 @@ def test_vectors_ids_paths_shapes_and_norms(photo_store_path, photo_labels):
     same = S[labels[:, None] == labels[None, :]].mean()
     diff = S[labels[:, None] != labels[None, :]].mean()
     assert same > diff + 0.1
+
+
+# ---- the pipeline's preprocessing ---------------------------------------------------------------
+@pytest.mark.parametrize("size", [(640, 480), (300, 500), (50, 30), (224, 224), (1000, 257)])
+def test_pipeline_preprocessing_matches_the_model_transform(size):
+    """uint8 resize+crop per image, then one normalisation per batch == the model's eval transform."""
+    import torch
+
+    from embedstore.backbones.base import PreprocessCfg
+    from embedstore.embed import normalize_batch, preprocess_uint8
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    for pre in (PreprocessCfg(), PreprocessCfg(input_size=(3, 160, 160), interpolation="bilinear", crop_pct=1.0)):
+        ref = pre.build_transform()(im)
+        x = normalize_batch(torch.from_numpy(preprocess_uint8(im, pre))[None], pre)
+        assert x.shape == (1, *ref.shape) and x.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(x[0], ref, atol=1e-5, rtol=0)
+
+
+def test_ingest_vectors_equal_query_vectors_threads_and_worker_process(new_store, photo_dir, tmp_path):
+    """Store vectors (CPU thread streams, and a DataLoader worker process) == backbone.embed_images."""
+    import torch
+
+    from embedstore.embed import cpu_streams
+
+    files = photo_subset(photo_dir, tmp_path / "in", 5)
+    torch.set_num_threads(2)  # two streams of one intra-op thread each (the module runs on one thread)
+    try:
+        assert cpu_streams() == 2
+        new_store.add([tmp_path / "in"], batch_size=2, progress=False)  # 3 batches over 2 streams
+        assert torch.get_num_threads() == 2  # restored after the run
+    finally:
+        torch.set_num_threads(1)
+    ids, paths, X = new_store.vectors()
+    ref = new_store.backbone.embed_images([str(p) for p in paths])
+    np.testing.assert_allclose(X, ref, atol=1e-5)
+
+    other = embedstore.open(tmp_path / "w.es")
+    other.add(files, batch_size=2, workers=1, progress=False)  # forkserver worker process
+    np.testing.assert_allclose(other.vectors().vectors, X, atol=1e-5)
