@@ -182,6 +182,7 @@ def register(app: typer.Typer) -> None:
         s = open_store(store)
         head_list = [h.strip() for h in heads.split(",") if h.strip()] if heads else None
         res = s.evaluate(shots=_ints(shots, "--shots"), episodes=episodes, heads=head_list, seed=seed, progress=not json_)
+        res["plateau"] = s.plateau()  # the fine-tune loop's rule over the stored runs, this one included
         if json_:
             emit_json(res)
             return
@@ -197,6 +198,8 @@ def register(app: typer.Typer) -> None:
         out.print(f"best at {res['best_shots']} shots: [bold]{res['best_head']}[/] {res['best_accuracy']:.3f} (run {res['run_id']})", highlight=False)
         for h, e in res["errors"].items():
             out.print(f"  [yellow]{h} failed[/]: {e}", highlight=False)
+        p = res["plateau"]
+        out.print(f"plateau: [bold]{'yes' if p['plateau'] else 'no'}[/] ({p['reason']})", highlight=False)
 
     @app.command()
     @handle_errors

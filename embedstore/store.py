@@ -446,13 +446,23 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
                         self._record_error(paths[id_], err, hashes.get(id_))
                         res.error_list.append({"id": id_, "path": paths[id_], "error": err})
                     res.errors += len(bad)
-                    self._delete_ids([i for i, _ in bad])
+                    if version == self.active_version and not self._has_other_vectors([i for i, _ in bad], version):
+                        self._delete_ids([i for i, _ in bad])  # never embedded: the image was not really added
                 if buffered >= COMMIT_EVERY:
                     flush()
                     buffered = 0
             flush()
         res.embed_seconds = stats.seconds
         res.batch_size, res.device = stats.batch_size, stats.device
+
+    def _has_other_vectors(self, ids: Sequence[int], version: str) -> bool:
+        """Whether any of `ids` has a vector in another version (then its labels must survive a bad re-read)."""
+        pred = f"id IN ({', '.join(str(int(i)) for i in ids)})"
+        for v in self.manifest["versions"]:
+            t = self.vectors_table(v) if v != version else None
+            if t is not None and t.count_rows(pred) > 0:
+                return True
+        return False
 
     def _load_version(self, version: str) -> Backbone:
         info = self.version_info(version)
