@@ -11,7 +11,8 @@ In one run, on the same images (N JPEG photo views of 640x480, written to a temp
   ratio        end-to-end / ceiling. Target on CPU for efficientnet_lite0: >= 0.75.
 
 The ceiling sweep runs once; then each repeat times one `add` and, right after it, the best ceiling
-configuration again, so each ratio compares two measurements taken under the same machine load.
+configuration again on as many images, so each ratio compares two measurements taken under about the
+same machine load (on a shared machine, look at the per-run ratios and the load average).
 Prints a table and one JSON line.
 
     python benchmarks/embed_throughput.py                      # offline:efficientnet_lite0, 600 images, CPU
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=None, help="for add (default: the pipeline's automatic choice)")
     ap.add_argument("--sweep-images", type=int, default=None, help="images per sweep cell (default: 64 CPU, 2048 GPU)")
     ap.add_argument("--ceiling-seconds", type=float, default=None, help="length of each paired ceiling run "
-                    "(default: a third of the end-to-end run)")
+                    "(default: as many images as the end-to-end run)")
     args = ap.parse_args(argv)
     args.device = resolve_device(args.device)
     cuda = args.device.startswith("cuda")
@@ -167,8 +168,9 @@ def main(argv=None) -> dict:
         runs = []
         for k in range(args.repeats):
             e2e = end_to_end(tmp / "images", args.n, args, tmp, k)
-            budget = args.ceiling_seconds or max(2.0, e2e["seconds"] / 3)
-            images = max(best["batch_size"] * 2, int(best["images_per_second"] * budget))
+            # as many images as the add embedded (about as long, so both see the same machine load)
+            images = args.n if not args.ceiling_seconds else int(best["images_per_second"] * args.ceiling_seconds)
+            images = max(best["batch_size"] * 2, images)
             ceil = forward_rate(bb, pool, args.device, best["batch_size"], best["format"], images, best["mode"])
             runs.append({**e2e, "ceiling": ceil, "ratio": e2e["images_per_second"] / ceil})
 

@@ -27,7 +27,8 @@ from PIL import Image, ImageOps
 from .backbones.base import Backbone, PreprocessCfg
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-CPU_BATCH = 16
+CPU_BATCH = 4  # fastest for efficientnet_lite0 at 1 thread per stream: larger batches allocate
+# activation buffers above glibc's mmap threshold, and every forward pays page faults for them (measured)
 
 
 def resolve_device(device: str | None = "auto") -> str:
