@@ -16,7 +16,6 @@ import io
 import itertools
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -50,15 +49,21 @@ def load_image(src, pre: PreprocessCfg | None = None) -> Image.Image:
 
     Raises on unreadable, truncated, non-image and decompression-bomb files.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
-        if pre is not None and im.format == "JPEG":
-            target = pre.resize_size
-            im.draft("RGB", (target, target))  # decode at 1/2, 1/4, 1/8 scale when the file is large
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
+    im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+    # Pillow raises over twice its pixel limit and only warns above it; refuse both before decoding.
+    # (An explicit check, not warnings.catch_warnings: that is not thread-safe, and decoding runs in threads.)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.width * im.height > limit:
+        raise Image.DecompressionBombError(
+            f"image of {im.width}x{im.height} pixels exceeds the limit of {limit} pixels (possible decompression "
+            "bomb); raise PIL.Image.MAX_IMAGE_PIXELS to accept it"
+        )
+    if pre is not None and im.format == "JPEG":
+        target = pre.resize_size
+        im.draft("RGB", (target, target))  # decode at 1/2, 1/4, 1/8 scale when the file is large
+    im.load()
+    im = ImageOps.exif_transpose(im)
+    return im.convert("RGB")
 
 
 @functools.lru_cache(maxsize=16)
