@@ -54,11 +54,43 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, 
 
 @contextmanager
 def download_errors(name: str):
-    """Turn hub/network failures into one line naming --weights and the offline backbone."""
+    """Turn hub/network failures into one line naming --weights and the offline backbone.
+
+    When the hub cannot be reached at all, loading runs in huggingface_hub's offline mode: weights in the
+    local cache still load, and missing ones fail at once instead of after minutes of retries.
+    """
     try:
-        yield
+        with _offline_unless_reachable():
+            yield
     except EmbedstoreError:  # ours already (e.g. an unknown timm model): not a download failure
         raise
     except (OSError, RuntimeError, ValueError, ConnectionError) as e:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise BackboneLoadError(f"could not load weights for {name} ({msg}); {OFFLINE_HINT}") from e
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _offline_unless_reachable():
+    try:
+        import huggingface_hub.constants as hf_constants
+    except ImportError:  # pragma: no cover - timm and open_clip depend on it
+        yield
+        return
+    if hf_constants.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = False
