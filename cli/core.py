@@ -21,11 +21,14 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass; default: automatic."),
         workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode worker processes; default: automatic."),
+        gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG); workers only read files."),
         json_: bool = JSON_OPT,
     ):
         """Add images to STORE (creating it): new content is embedded, duplicates skipped, a killed run resumes."""
         s = open_store(store, create=True, backbone=backbone, weights=str(weights) if weights else None, device=device)
-        res = s.add([str(p) for p in paths], batch_size=batch_size, workers=workers, progress=not json_)
+        res = s.add(
+            [str(p) for p in paths], batch_size=batch_size, workers=workers, progress=not json_, gpu_decode=gpu_decode
+        )
         d = res.to_dict()
         if json_:
             emit_json(d)

@@ -183,8 +183,13 @@ def embed_items(
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
     stats: EmbedStats | None = None,
+    gpu_decode: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
-    """Yield (ids, vectors (B,D) float32 L2-normalised, [(id, error)]) per batch, in input order."""
+    """Yield (ids, vectors (B,D) float32 L2-normalised, [(id, error)]) per batch, in input order.
+
+    gpu_decode: workers only read file bytes (and check headers); JPEGs are decoded on `device` with
+    nvJPEG in one call per batch (torchvision.io.decode_jpeg), other formats with Pillow.
+    """
     stats = stats if stats is not None else EmbedStats()
     cuda = device.startswith("cuda")
     amp_dtype = None
@@ -198,18 +203,18 @@ def embed_items(
     stats.batch_size, stats.device = batch_size, device
     if not items:
         return
-    if not cuda and not workers:
+    if not cuda and not workers and not gpu_decode:
         yield from _embed_cpu_streams(backbone, items, batch_size, progress, stats)
         return
     if workers is None:
         # starting worker processes costs seconds; small batches of work decode in-process
         workers = default_workers(device) if len(items) > 4 * batch_size else 0
     loader = torch.utils.data.DataLoader(
-        ImageDataset(items, backbone.preprocess),
+        RawDataset(items) if gpu_decode else ImageDataset(items, backbone.preprocess),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=cuda,
+        collate_fn=_collate_raw if gpu_decode else _collate,
+        pin_memory=cuda and not gpu_decode,
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
@@ -217,10 +222,15 @@ def embed_items(
         multiprocessing_context=_mp_context() if workers else None,
     )
     t0 = time.perf_counter()
-    for ids, x, bad in loader:
+    for batch in loader:
+        if gpu_decode:
+            ids, x, bad = _decode_on_device(batch, backbone.preprocess, device)
+        else:
+            ids, x, bad = batch
+            if x is not None:
+                x = normalize_batch(x.to(device, non_blocking=cuda), backbone.preprocess)
         vecs = np.zeros((0, backbone.dim), np.float32)
         if x is not None:
-            x = normalize_batch(x.to(device, non_blocking=cuda), backbone.preprocess)
             if cuda:
                 with torch.autocast("cuda", dtype=amp_dtype):
                     vecs = backbone.forward(x).cpu().numpy()
@@ -282,6 +292,67 @@ def _embed_cpu_streams(backbone: Backbone, items, batch_size: int, progress, sta
         torch.set_num_threads(threads)
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class RawDataset(torch.utils.data.Dataset):
+    """(id, path) -> (id, file bytes, None) or (id, None, error) for the GPU-decode path.
+
+    Only the header is parsed here (format and size: non-images and decompression bombs fail early)."""
+
+    def __init__(self, items: Sequence[tuple[int, str]]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        id_, path = self.items[i]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            im = Image.open(io.BytesIO(data))
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                raise Image.DecompressionBombError(
+                    f"image of {im.width}x{im.height} pixels exceeds the limit of {limit} pixels (possible "
+                    "decompression bomb); raise PIL.Image.MAX_IMAGE_PIXELS to accept it"
+                )
+            return id_, data, None
+        except Exception as e:
+            return id_, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def _collate_raw(batch):
+    return batch
+
+
+def _decode_on_device(batch, pre: PreprocessCfg, device: str):
+    """[(id, bytes|None, err)] -> ids, (B,3,H,W) normalised on `device` or None, [(id, error)].
+
+    JPEGs go through nvJPEG in one call; other formats, and JPEGs it refuses, through Pillow."""
+    bad = [(i, err) for i, d, err in batch if d is None]
+    jpegs = [(i, d) for i, d, _ in batch if d is not None and d[:3] == JPEG_MAGIC]
+    others = [(i, d) for i, d, _ in batch if d is not None and d[:3] != JPEG_MAGIC]
+    ids: list[int] = []
+    parts: list[torch.Tensor] = []
+    if jpegs:
+        try:
+            parts.append(gpu_decode_batch([d for _, d in jpegs], pre, device))
+            ids += [i for i, _ in jpegs]
+        except Exception:  # one bad JPEG fails the batched call: fall back to Pillow for this batch
+            others = jpegs + others
+    for i, d in others:
+        try:
+            u8 = torch.from_numpy(preprocess_uint8(load_image(d, pre), pre)).unsqueeze(0)
+            parts.append(normalize_batch(u8.to(device), pre))
+            ids.append(i)
+        except Exception as e:
+            bad.append((i, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
+    x = torch.cat(parts).contiguous(memory_format=torch.channels_last) if parts else None
+    return torch.tensor(ids, dtype=torch.int64), x, bad
+
+
 def gpu_decode_batch(datas: Sequence[bytes], pre: PreprocessCfg, device: str) -> torch.Tensor:
     """Decode JPEG bytes with nvJPEG (torchvision.io.decode_jpeg on `device`), resize, crop, normalise.
 
@@ -291,13 +362,15 @@ def gpu_decode_batch(datas: Sequence[bytes], pre: PreprocessCfg, device: str) ->
     from torchvision.transforms.v2 import functional as F
 
     raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    imgs = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    imgs = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
     size = pre.input_size[-1]
     mean = torch.tensor(pre.mean, device=device).view(3, 1, 1)
     std = torch.tensor(pre.std, device=device).view(3, 1, 1)
     out = []
     for im in imgs:
-        im = F.resize(im, pre.resize_size, antialias=True)
+        interp = {"bilinear": F.InterpolationMode.BILINEAR, "nearest": F.InterpolationMode.NEAREST}.get(
+            pre.interpolation, F.InterpolationMode.BICUBIC)
+        im = F.resize(im, pre.resize_size, interpolation=interp, antialias=True)
         im = F.center_crop(im, [size, size])
         out.append((im.float() / 255.0 - mean) / std)
     return torch.stack(out)

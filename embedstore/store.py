@@ -329,6 +329,7 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
         batch_size: int | None = None,
         workers: int | None = None,
         progress: bool = True,
+        gpu_decode: bool = False,
     ) -> AddResult:
         """Add image files/folders: dedup by content hash, embed new images, commit in batches."""
         from .embed import list_image_files
@@ -346,7 +347,9 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
             new_ids = self._record_images(files, res, progress)
             pending = self.pending_images()
             res.resumed = len([i for i, _ in pending if i not in new_ids])
-            self._embed_pending(pending, res, batch_size=batch_size, workers=workers, progress=progress)
+            self._embed_pending(
+                pending, res, batch_size=batch_size, workers=workers, progress=progress, gpu_decode=gpu_decode
+            )
             res.added = len(new_ids) - len([e for e in res.error_list if e["id"] in new_ids])
             if res.added + res.resumed > 0:
                 self._after_vectors_changed()
@@ -409,7 +412,9 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
         pairs = sorted(zip(imgs.column("id").to_pylist(), imgs.column("path").to_pylist()))
         return [(i, p) for i, p in pairs if i not in have]
 
-    def _embed_pending(self, pending, res: AddResult, *, batch_size, workers, progress, version=None) -> None:
+    def _embed_pending(
+        self, pending, res: AddResult, *, batch_size, workers, progress, version=None, gpu_decode: bool = False
+    ) -> None:
         from .embed import EmbedStats, embed_items
 
         if not pending:
@@ -431,7 +436,8 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
         with _progress_bar(len(pending), f"embedding ({self.device})", progress) as advance:
             buffered = 0
             for ids, vecs, bad in embed_items(
-                bb, pending, device=self.device, batch_size=batch_size, workers=workers, progress=advance, stats=stats
+                bb, pending, device=self.device, batch_size=batch_size, workers=workers, progress=advance, stats=stats,
+                gpu_decode=gpu_decode,
             ):
                 if len(ids):
                     buf_ids.append(ids)

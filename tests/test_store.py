@@ -448,3 +448,27 @@ def test_ingest_vectors_equal_query_vectors_threads_and_worker_process(new_store
     other = embedstore.open(tmp_path / "w.es")
     other.add(files, batch_size=2, workers=1, progress=False)  # forkserver worker process
     np.testing.assert_allclose(other.vectors().vectors, X, atol=1e-5)
+
+
+def test_gpu_decode_path_matches_pillow_path(tmp_path, photo_dir):
+    """The nvJPEG path (run here on the CPU: torchvision's decode_jpeg) gives nearly the vectors of the Pillow
+    path; non-JPEGs and bad files take the fallback and the errors table."""
+    import numpy as np
+    from PIL import Image
+
+    src = sorted(photo_dir.rglob("*.jpg"))[:6]
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for p in src:
+        (d / p.name).write_bytes(p.read_bytes())
+    Image.open(src[0]).save(d / "as_png.png")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    a = embedstore.open(tmp_path / "a.es", device="cpu")
+    ra = a.add([d], progress=False, gpu_decode=True, workers=0)
+    b = embedstore.open(tmp_path / "b.es", device="cpu")
+    rb = b.add([d], progress=False)
+    assert ra.added == rb.added == 7 and ra.errors == rb.errors == 1
+    va, vb = a.vectors(), b.vectors()
+    assert va.paths == vb.paths
+    cos = (va.vectors * vb.vectors).sum(1)
+    assert cos.min() > 0.97, cos  # resize kernels differ slightly (tensor vs Pillow antialiasing)
