@@ -80,6 +80,7 @@ def run_episodes(
     acc: dict[str, dict[int, list[float]]] = {h: defaultdict(list) for h in heads}
     errors: dict[str, str] = {}
     chosen: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    confusion: dict[str, np.ndarray] = {}  # per head, summed over the episodes at the largest shot count
     for s in ok:
         for _ in range(episodes):
             support = np.concatenate([rng.choice(by_class[c], s, replace=False) for c in classes])
@@ -100,6 +101,11 @@ def run_episodes(
                     progress and progress(1)
                     continue
                 acc[name][s].append(float(np.mean(pred == y[query])))
+                if s == ok[-1]:
+                    from sklearn.metrics import confusion_matrix
+
+                    m = confusion_matrix(list(y[query]), list(pred), labels=classes)
+                    confusion[name] = confusion.get(name, 0) + m
                 if getattr(h, "chosen", None):
                     chosen[s][str(h.chosen)] += 1
                 progress and progress(1)
@@ -108,7 +114,14 @@ def run_episodes(
         for h, d in acc.items()
         if h not in errors
     }
-    return {"shots": ok, "heads": out, "errors": errors, "chosen": {str(s): dict(c) for s, c in chosen.items()}}
+    return {
+        "shots": ok,
+        "heads": out,
+        "errors": errors,
+        "chosen": {str(s): dict(c) for s, c in chosen.items()},
+        "classes": classes,
+        "confusions": {h: m.astype(int).tolist() for h, m in confusion.items() if h not in errors},
+    }
 
 
 def evaluate(
@@ -150,6 +163,7 @@ def evaluate(
     last = str(res["shots"][-1])
     ranked = sorted(res["heads"], key=lambda h: -res["heads"][h][last]["mean"])
     best = ranked[0] if ranked else None
+    confusions = res.pop("confusions")
     run = {
         "run_id": uuid.uuid4().hex[:12],
         "time": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -163,6 +177,10 @@ def evaluate(
         "best_head": best,
         "best_accuracy": res["heads"][best][last]["mean"] if best else None,
         "best_shots": int(last),
+        # rows: true class, columns: predicted, summed over the episodes at best_shots, for the best head
+        "confusion": {"head": best, "shots": int(last), "classes": res["classes"], "matrix": confusions.get(best)}
+        if best
+        else None,
         "mean_accuracy": {h: round(float(np.mean([v["mean"] for v in d.values()])), 4) for h, d in res["heads"].items()},
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -37,3 +37,20 @@ def test_evaluate_needs_enough_labels(photo_store, photo_labels):
         photo_store.evaluate(heads=["knn"])
     with pytest.raises(InvalidArgumentError, match="unknown head"):
         photo_store.evaluate(heads=["nope"])
+
+
+def test_eval_run_stores_a_confusion_matrix_of_the_best_head(photo_store, photo_labels):
+    by_class = {}
+    for p, c in sorted(photo_labels.items()):
+        by_class.setdefault(c, []).append(p)
+    for c, ps in list(by_class.items())[:3]:
+        photo_store.label(ps[:4], c)
+    run = photo_store.evaluate(shots=(1, 2), episodes=2, heads=["centroid", "knn"])
+    conf = run["confusion"]
+    assert conf["head"] == run["best_head"] and conf["shots"] == 2
+    M = conf["matrix"]
+    assert len(M) == len(conf["classes"]) == 3 and all(len(r) == 3 for r in M)
+    # 2 episodes x (4 - 2) query images per class: every row sums to 4
+    assert [sum(r) for r in M] == [4, 4, 4]
+    stored = photo_store.eval_history()[-1]
+    assert stored["results"]["confusion"]["matrix"] == M
