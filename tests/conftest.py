@@ -18,6 +18,19 @@ from embedstore.samples import make_digits, make_photo_views
 TINY_CLIP = "openclip:ViT-B-32/random"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a shared 2-core runner, OpenMP threads spinning against other
+    processes made model runs ~9x slower (measured); results do not depend on the thread count.
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("photos")

@@ -19,16 +19,7 @@ ADD_KEYS = {"added", "skipped_duplicates", "errors", "seconds", "images_per_seco
 INFO_KEYS = {"images", "vectors", "backbone", "version", "dim", "errors"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core runner, OpenMP threads spinning against other processes made
-    model runs ~9x slower (measured); results do not depend on the thread count."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def invoke(*args: str):

@@ -24,16 +24,7 @@ from embedstore.errors import BackboneMismatchError, NoImagesAddedError, StoreLo
 from embedstore.samples import photo
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core runner, OpenMP threads spinning against other processes made
-    these tests ~9x slower (measured); results do not depend on the thread count."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- helpers ----------------------------------------------------------------------------------
