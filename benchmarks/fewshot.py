@@ -42,12 +42,12 @@ def digits_images(per_class: int, seed: int = 0):
     return imgs, ys
 
 
-def photo_images(per_class: int, seed: int = 0):
+def photo_images(per_class: int, seed: int = 0, scale=(0.5, 1.0)):
     from embedstore import samples
 
     rng, imgs, ys = np.random.default_rng(seed), [], []
     for c in samples.PHOTOS:
-        views = samples.photo_views(samples.photo(c), per_class, rng, 256)
+        views = samples.photo_views(samples.photo(c), per_class, rng, 256, scale=scale)
         imgs += views
         ys += [c] * len(views)
     return imgs, ys
@@ -61,7 +61,10 @@ def features(name: str, per_class: int):
         return z["X"], z["y"]
     from embedstore.backbones import load_backbone
 
-    imgs, ys = (digits_images if name == "digits" else photo_images)(per_class)
+    if name == "digits":
+        imgs, ys = digits_images(per_class)
+    else:  # photos: views of 50-100% of a photo; photos-hard: patches of 15-35% (far from the ceiling)
+        imgs, ys = photo_images(per_class, scale=(0.15, 0.35) if name == "photos-hard" else (0.5, 1.0))
     t = time.time()
     X = load_backbone(BACKBONE).embed_images(imgs)
     print(f"embedded {len(imgs)} {name} images in {time.time() - t:.0f}s", file=sys.stderr)
@@ -119,6 +122,7 @@ def main(argv=None):
     ap.add_argument("--heads", default="knn,centroid,linear,propagate,auto")
     ap.add_argument("--digits-per-class", type=int, default=100)
     ap.add_argument("--views-per-photo", type=int, default=40)
+    ap.add_argument("--sets", default="digits,photos,photos-hard", help="comma-separated: digits, photos, photos-hard")
     args = ap.parse_args(argv)
     shots_levels = [int(s) for s in args.shots.split(",")]
     heads = args.heads.split(",")
@@ -126,7 +130,10 @@ def main(argv=None):
     from rich.progress import Progress
     from rich.table import Table
 
-    sets = {"digits": features("digits", args.digits_per_class), "photos": features("photos", args.views_per_photo)}
+    sets = {
+        name: features(name, args.digits_per_class if name == "digits" else args.views_per_photo)
+        for name in args.sets.split(",")
+    }
     results = {}
     with Progress(console=Console(stderr=True), transient=True) as bar:
         for set_name, (X, y) in sets.items():

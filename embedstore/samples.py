@@ -29,12 +29,15 @@ def photo(name: str) -> Image.Image:
     raise FileNotFoundError(f"scikit-image has no bundled photo '{name}'")
 
 
-def photo_views(photo_img: Image.Image, n: int, rng: np.random.Generator, size: int = 256) -> list[Image.Image]:
-    """n random views of one photo: crops of 50-100% of the shorter side, flips, small rotations, colour jitter."""
+def photo_views(
+    photo_img: Image.Image, n: int, rng: np.random.Generator, size: int = 256, scale: tuple[float, float] = (0.5, 1.0)
+) -> list[Image.Image]:
+    """n random views of one photo: crops of `scale` (fraction of the shorter side), flips, small rotations,
+    colour jitter. Small scales (e.g. 0.15-0.35) give texture patches: a much harder few-shot set."""
     w, h = photo_img.size
     out = []
     for _ in range(n):
-        s = int(min(w, h) * rng.uniform(0.5, 1.0))
+        s = int(min(w, h) * rng.uniform(*scale))
         x, y = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
         im = photo_img.crop((x, y, x + s, y + s)).resize((size, size), Image.BICUBIC)
         if rng.random() < 0.5:
