@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 import embedstore
 from embedstore.heads import make_head
-from embedstore.store import IMAGES_SCHEMA, _fixed_list
+from synthetic_store import write_vectors
 
 BACKBONE = "offline:efficientnet_lite0"  # 1280-d, packaged weights; only the store's metadata is used
 
@@ -44,24 +43,9 @@ def clustered(n: int, dim: int, n_classes: int, spread: float, seed: int = 0) ->
     return X.astype(np.float32), y
 
 
-def make_store(root: Path, X: np.ndarray, chunk: int = 50_000):
+def make_store(root: Path, X: np.ndarray):
     """A store whose vectors table holds X (ids 0..N-1), written straight into LanceDB."""
-    store = embedstore.open(root, backbone=BACKBONE, device="cpu")
-    now = int(time.time() * 1e6)
-    with store.write_lock():
-        images = store.table("images", IMAGES_SCHEMA)
-        vt = store.vectors_table(create=True)
-        for i in range(0, len(X), chunk):
-            ids = np.arange(i, min(i + chunk, len(X)), dtype=np.int64)
-            images.add(pa.table({
-                "id": ids, "path": pa.array([f"/synthetic/{j}.jpg" for j in ids]), "hash": pa.array([f"h{j}" for j in ids]),
-                "size": pa.array(np.zeros(len(ids), np.int64)),
-                "added": pa.array(np.full(len(ids), now), pa.timestamp("us", tz="UTC")),
-            }, schema=IMAGES_SCHEMA))
-            vt.add(pa.table({"id": ids, "vector": _fixed_list(X[ids])}))
-        store.manifest["next_id"] = len(X)
-        store._write_manifest()
-    return store
+    return write_vectors(embedstore.open(root, backbone=BACKBONE, device="cpu"), X)
 
 
 def timed(fn):

@@ -23,35 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow as pa
 
 import embedstore
 from embedstore import index as fx
-from embedstore.store import IMAGES_SCHEMA, _fixed_list
+from synthetic_store import write_vectors
 
 BACKBONE = "openclip:ViT-B-32/random"  # 512-d; only the store's metadata is used, no image is embedded
 
 
-def make_store(root: Path, X: np.ndarray, chunk: int = 100_000):
+def make_store(root: Path, X: np.ndarray):
     """A store whose vectors table holds X (ids 0..N-1), written straight into LanceDB (no embedding)."""
-    store = embedstore.open(root, backbone=BACKBONE, device="cpu")
-    if store.version_info()["dim"] != X.shape[1]:
-        raise SystemExit(f"--dim must be {store.version_info()['dim']} for {BACKBONE}")
-    now = time.time()
-    with store.write_lock():
-        images = store.table("images", IMAGES_SCHEMA)
-        vt = store.vectors_table(create=True)
-        for i in range(0, len(X), chunk):
-            ids = np.arange(i, min(i + chunk, len(X)), dtype=np.int64)
-            images.add(pa.table({
-                "id": ids, "path": pa.array([f"/synthetic/{j}.jpg" for j in ids]), "hash": pa.array([f"h{j}" for j in ids]),
-                "size": pa.array(np.zeros(len(ids), np.int64)),
-                "added": pa.array(np.full(len(ids), int(now * 1e6)), pa.timestamp("us", tz="UTC")),
-            }, schema=IMAGES_SCHEMA))
-            vt.add(pa.table({"id": ids, "vector": _fixed_list(X[ids])}))
-        store.manifest["next_id"] = len(X)
-        store._write_manifest()
-    return store
+    return write_vectors(embedstore.open(root, backbone=BACKBONE, device="cpu"), X, chunk=100_000)
 
 
 def best_qps(fn, n_queries: int, repeats: int = 3) -> float:

@@ -22,32 +22,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).parent))
 from classify_newclass import BACKBONE, clustered  # noqa: E402
 
 import embedstore  # noqa: E402
 from embedstore.samples import make_photo_views  # noqa: E402
-from embedstore.store import IMAGES_SCHEMA, _fixed_list  # noqa: E402
+from synthetic_store import write_vectors  # noqa: E402
 
 
-def make_store(root: Path, X: np.ndarray, photos: list[str], chunk: int = 50_000):
+def make_store(root: Path, X: np.ndarray, photos: list[str]):
+    """X as the store's vectors; image j shows photos[j % len(photos)] (real files for the thumbnails)."""
     store = embedstore.open(root, backbone=BACKBONE, device="cpu")
-    now = int(time.time() * 1e6)
-    with store.write_lock():
-        images, vt = store.table("images", IMAGES_SCHEMA), store.vectors_table(create=True)
-        for i in range(0, len(X), chunk):
-            ids = np.arange(i, min(i + chunk, len(X)), dtype=np.int64)
-            images.add(pa.table({
-                "id": ids, "path": pa.array([photos[j % len(photos)] for j in ids]),
-                "hash": pa.array([f"h{j}" for j in ids]), "size": pa.array(np.zeros(len(ids), np.int64)),
-                "added": pa.array(np.full(len(ids), now), pa.timestamp("us", tz="UTC")),
-            }, schema=IMAGES_SCHEMA))
-            vt.add(pa.table({"id": ids, "vector": _fixed_list(X[ids])}))
-        store.manifest["next_id"] = len(X)
-        store._write_manifest()
-    return store
+    return write_vectors(store, X, path_of=lambda j: photos[j % len(photos)])
 
 
 def main() -> None:

@@ -366,10 +366,10 @@ def gpu_decode_batch(datas: Sequence[bytes], pre: PreprocessCfg, device: str) ->
     size = pre.input_size[-1]
     mean = torch.tensor(pre.mean, device=device).view(3, 1, 1)
     std = torch.tensor(pre.std, device=device).view(3, 1, 1)
+    interp = {"bilinear": F.InterpolationMode.BILINEAR, "nearest": F.InterpolationMode.NEAREST}.get(
+        pre.interpolation, F.InterpolationMode.BICUBIC)
     out = []
     for im in imgs:
-        interp = {"bilinear": F.InterpolationMode.BILINEAR, "nearest": F.InterpolationMode.NEAREST}.get(
-            pre.interpolation, F.InterpolationMode.BICUBIC)
         im = F.resize(im, pre.resize_size, interpolation=interp, antialias=True)
         im = F.center_crop(im, [size, size])
         out.append((im.float() / 255.0 - mean) / std)

@@ -433,6 +433,7 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
                 buf_ids.clear()
                 buf_vecs.clear()
 
+        paths = dict(pending)  # for error rows
         with _progress_bar(len(pending), f"embedding ({self.device})", progress) as advance:
             buffered = 0
             for ids, vecs, bad in embed_items(
@@ -446,7 +447,6 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
                 if bad:
                     flush()
                     buffered = 0
-                    paths = dict(pending)
                     hashes = self._hashes_for([i for i, _ in bad])
                     for id_, err in bad:
                         self._record_error(paths[id_], err, hashes.get(id_))
