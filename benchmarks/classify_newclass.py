@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import embedstore
-from embedstore.heads import make_head
+from embedstore.labels.heads import make_head
 from synthetic_store import write_vectors
 
 BACKBONE = "offline:efficientnet_lite0"  # 1280-d, packaged weights; only the store's metadata is used

@@ -37,8 +37,8 @@ import torch
 from PIL import Image, ImageOps
 
 import embedstore
-from embedstore.backbones import load_backbone
-from embedstore.embed import load_image, resolve_device
+from embedstore.ingest.backbones import load_backbone
+from embedstore.ingest.pipeline import load_image, resolve_device
 from embedstore.samples import PHOTOS, photo
 
 

@@ -59,7 +59,7 @@ def features(name: str, per_class: int):
     if path.exists():
         z = np.load(path)
         return z["X"], z["y"]
-    from embedstore.backbones import load_backbone
+    from embedstore.ingest.backbones import load_backbone
 
     if name == "digits":
         imgs, ys = digits_images(per_class)
@@ -85,7 +85,7 @@ def references(n_support: int):
 
 
 def run_set(X, y, shots_levels, episodes, heads, progress):
-    from embedstore.heads import make_head
+    from embedstore.labels.heads import make_head
 
     classes = np.unique(y)
     acc: dict[str, dict[int, list[float]]] = {}

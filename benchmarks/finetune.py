@@ -25,7 +25,7 @@ import numpy as np
 
 def unlabeled_accuracy(store, version: str, labels: dict, truth: dict) -> dict:
     """Best of centroid / knn / linear heads fit on the labels, scored on every unlabeled image."""
-    from embedstore.heads import HEADS, make_head
+    from embedstore.labels.heads import HEADS, make_head
 
     ids, _, X = store.vectors(version)
     lab = np.array([int(i) in labels for i in ids])

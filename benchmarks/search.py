@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 
 import embedstore
-from embedstore import index as fx
+from embedstore.search import faiss_index as fx
 from synthetic_store import write_vectors
 
 BACKBONE = "openclip:ViT-B-32/random"  # 512-d; only the store's metadata is used, no image is embedded

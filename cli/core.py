@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def backbones(json_: bool = JSON_OPT):
         """List known backbone names (any timm model or open_clip pair works too)."""
-        from embedstore.backbones import DEFAULT_BACKBONE, KNOWN_BACKBONES
+        from embedstore.ingest.backbones import DEFAULT_BACKBONE, KNOWN_BACKBONES
 
         if json_:
             emit_json([{"name": k, "description": v, "default": k == DEFAULT_BACKBONE} for k, v in KNOWN_BACKBONES.items()])

@@ -188,7 +188,7 @@ def register(app: typer.Typer) -> None:
             return
         from rich.table import Table
 
-        from embedstore.evaluate import curve_table
+        from embedstore.labels.evaluate import curve_table
 
         header, rows = curve_table(res)
         t = Table(*header, title=f"accuracy, {res['episodes']} episodes, {res['n_labels']} labels / {res['n_classes']} classes")

@@ -1,4 +1,4 @@
-"""finetune, versions, use, prune: the fine-tune loop's commands (thin wrappers over embedstore.loop)."""
+"""finetune, versions, use, prune: the fine-tune loop's commands (thin wrappers over embedstore.loop.versions)."""
 
 from __future__ import annotations
 

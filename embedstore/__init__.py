@@ -6,8 +6,8 @@
     ids, paths, X = store.vectors()
 """
 
-from .errors import EmbedstoreError
-from .store import AddResult, Store, VectorSet
+from embedstore.errors import EmbedstoreError
+from embedstore.store import AddResult, Store, VectorSet
 
 
 def open(path, backbone: str | None = None, weights: str | None = None, **kw) -> Store:  # noqa: A001

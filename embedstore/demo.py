@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import InvalidArgumentError
+from embedstore.errors import InvalidArgumentError
 
 MARKER = ".embedstore-demo"
 
 
 def run_demo(store_dir: str | Path = "demo.es", progress: bool = True, say: Callable[[str], None] = print) -> dict:
     import embedstore
-    from .samples import make_digits, make_photo_views
+    from embedstore.samples import make_digits, make_photo_views
 
     t0 = time.perf_counter()
     store_dir = Path(store_dir).expanduser().resolve()

@@ -30,9 +30,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .backbones import DEFAULT_BACKBONE, load_backbone, parse_name
-from .backbones.base import Backbone
-from .errors import (
+from embedstore.ingest.backbones import DEFAULT_BACKBONE, load_backbone, parse_name
+from embedstore.ingest.backbones.base import Backbone
+from embedstore.errors import (
     BackboneMismatchError,
     EmptyInputError,
     InvalidArgumentError,
@@ -40,9 +40,9 @@ from .errors import (
     StoreLockedError,
     StoreNotFoundError,
 )
-from .labeling import LabelMixin
-from .loop import LoopMixin
-from .search import SearchMixin
+from embedstore.labels.labels import LabelMixin
+from embedstore.loop.versions import LoopMixin
+from embedstore.search.search import SearchMixin
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -179,7 +179,7 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
             raise StoreNotFoundError(f"no store at {root}; create one with: embedstore add {path} IMAGES...")
         name = backbone or DEFAULT_BACKBONE
         parse_name(name)  # fail on a bad name before touching the disk
-        from .embed import resolve_device
+        from embedstore.ingest.pipeline import resolve_device
 
         bb = load_backbone(name, weights, device=resolve_device(device))
         root.mkdir(parents=True, exist_ok=True)
@@ -302,7 +302,7 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
     # ---- backbone ------------------------------------------------------------------------
     @property
     def device(self) -> str:
-        from .embed import resolve_device
+        from embedstore.ingest.pipeline import resolve_device
 
         return resolve_device(self.device_request)
 
@@ -332,7 +332,7 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
         gpu_decode: bool = False,
     ) -> AddResult:
         """Add image files/folders: dedup by content hash, embed new images, commit in batches."""
-        from .embed import list_image_files
+        from embedstore.ingest.pipeline import list_image_files
 
         t0 = time.perf_counter()
         paths = list(paths)
@@ -415,7 +415,7 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
     def _embed_pending(
         self, pending, res: AddResult, *, batch_size, workers, progress, version=None, gpu_decode: bool = False
     ) -> None:
-        from .embed import EmbedStats, embed_items
+        from embedstore.ingest.pipeline import EmbedStats, embed_items
 
         if not pending:
             return
@@ -596,7 +596,7 @@ class Store(SearchMixin, LabelMixin, LoopMixin):
 
 # ---- helpers ------------------------------------------------------------------------------
 def _file_sha256(path: str) -> str:
-    from .backbones.base import file_digest
+    from embedstore.ingest.backbones.base import file_digest
 
     return file_digest(path)
 

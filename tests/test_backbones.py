@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from embedstore.backbones import DEFAULT_BACKBONE, KNOWN_BACKBONES, BackboneName, load_backbone, parse_name
-from embedstore.backbones.checkpoint import read_state_dict
-from embedstore.backbones.offline import packaged_weights_path, positional_state_dict
+from embedstore.ingest.backbones import DEFAULT_BACKBONE, KNOWN_BACKBONES, BackboneName, load_backbone, parse_name
+from embedstore.ingest.backbones.checkpoint import read_state_dict
+from embedstore.ingest.backbones.offline import packaged_weights_path, positional_state_dict
 from embedstore.errors import BackboneLoadError, UnknownBackboneError
 from embedstore.samples import photo
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import embedstore
 from embedstore.cli.app import app
-from embedstore.finetune import FinetuneConfig, split_holdout, tail_names
+from embedstore.loop.finetune import FinetuneConfig, split_holdout, tail_names
 
 slow = pytest.mark.slow  # the module-scoped fine-tune takes minutes on 2 CPU cores
 
@@ -124,7 +124,7 @@ def test_finetune_raises_accuracy_over_frozen_backbone(run):
 def test_weights_live_in_the_store_and_load_as_weights(run):
     e = run["store"].version_info(run["new"])
     assert e["weights"] == f"models/{run['new']}.pt" and e["parent"] == run["old"]
-    from embedstore.backbones import load_backbone
+    from embedstore.ingest.backbones import load_backbone
 
     bb = load_backbone(e["name"], weights=str(run["root"] / e["weights"]))
     assert bb.version == run["new"]
@@ -225,7 +225,7 @@ def test_split_frozen_prefix_matches_the_whole_model():
     import timm
     import torch
 
-    from embedstore.finetune import split_frozen_prefix
+    from embedstore.loop.finetune import split_frozen_prefix
 
     torch.manual_seed(0)
     m = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0).eval()
@@ -239,8 +239,8 @@ def test_split_frozen_prefix_matches_the_whole_model():
 def test_exported_weights_load_as_weights_into_the_same_backbone(tmp_path, digits_dir):
     import torch
 
-    from embedstore.backbones import load_backbone
-    from embedstore.finetune import export_state_dict
+    from embedstore.ingest.backbones import load_backbone
+    from embedstore.loop.finetune import export_state_dict
 
     bb = load_backbone("offline:efficientnet_lite0")
     f = tmp_path / "same.pt"

@@ -12,7 +12,7 @@ from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
 
 import embedstore
 from embedstore.errors import EmptyInputError, InvalidArgumentError, NotSupportedError
-from embedstore.heads import HEADS, abstain, load_head, make_head
+from embedstore.labels.heads import HEADS, abstain, load_head, make_head
 
 from conftest import TINY_CLIP
 
@@ -125,7 +125,7 @@ def test_auto_at_least_as_good_as_the_best_single_head(digits):
 
 
 def test_calibration_lowers_held_out_log_loss(digits):
-    from embedstore.heads.calibrate import nll
+    from embedstore.labels.heads.calibrate import nll
 
     X, y = digits
     sup, qry = split(y, 6)
@@ -193,7 +193,7 @@ def test_save_load_round_trip(photos, tmp_path, name):
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    return embedstore.backbones.load_backbone(TINY_CLIP)
+    return embedstore.ingest.backbones.load_backbone(TINY_CLIP)
 
 
 @pytest.mark.parametrize("name", ["zeroshot", "fused"])

@@ -1,11 +1,11 @@
-"""embedstore.index: automatic choice, recall of each index type against exact search, ids, files."""
+"""embedstore.search.faiss_index: automatic choice, recall of each index type against exact search, ids, files."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from embedstore import index as fx
+from embedstore.search import faiss_index as fx
 from embedstore.errors import InvalidArgumentError
 
 N, D, CLUSTERS = 6000, 48, 150

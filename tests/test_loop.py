@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from embedstore.cli.app import app
 from embedstore.errors import EmptyInputError, InvalidArgumentError
-from embedstore.loop import PLATEAU_MARGIN, PLATEAU_WINDOW, plateau_rule
+from embedstore.loop.versions import PLATEAU_MARGIN, PLATEAU_WINDOW, plateau_rule
 
 
 def runs(*pairs):

@@ -12,8 +12,8 @@ from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 import embedstore
-from embedstore import index as fx
-from embedstore import search as search_mod
+from embedstore.search import faiss_index as fx
+from embedstore.search import search as search_mod
 from embedstore.cli.app import app
 from embedstore.errors import EmptyInputError, InvalidArgumentError, NotSupportedError
 

@@ -406,8 +406,8 @@ def test_pipeline_preprocessing_matches_the_model_transform(size):
     """uint8 resize+crop per image, then one normalisation per batch == the model's eval transform."""
     import torch
 
-    from embedstore.backbones.base import PreprocessCfg
-    from embedstore.embed import normalize_batch, preprocess_uint8
+    from embedstore.ingest.backbones.base import PreprocessCfg
+    from embedstore.ingest.pipeline import normalize_batch, preprocess_uint8
 
     rng = np.random.default_rng(0)
     im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -422,7 +422,7 @@ def test_ingest_vectors_equal_query_vectors_threads_and_worker_process(new_store
     """Store vectors (CPU thread streams, and a DataLoader worker process) == backbone.embed_images."""
     import torch
 
-    from embedstore.embed import cpu_streams
+    from embedstore.ingest.pipeline import cpu_streams
 
     files = photo_subset(photo_dir, tmp_path / "in", 5)
     torch.set_num_threads(2)  # two streams of one intra-op thread each (the module runs on one thread)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from embedstore.errors import InvalidArgumentError
-from embedstore.suggest import select
+from embedstore.labels.suggest import select
 
 
 def _groups(photo_labels):

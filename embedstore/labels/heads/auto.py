@@ -1,0 +1,177 @@
+"""`auto`: choose a head, or an ensemble of heads, by cross-validation on the current labels.
+
+Every candidate (see CANDIDATES; zero-shot and fused join when a text encoder is given) is scored on
+stratified out-of-fold predictions of the labels; transductive candidates see the held-out and the
+unlabeled vectors, never their labels. Each candidate gets its own temperature on those predictions;
+ensembles of the best 2 and 3 (mean of calibrated log-probabilities) compete too. The winner, by
+accuracy with log-loss breaking ties, is refitted on all labels: `head.chosen` names it and
+`head.cv_scores` holds every candidate's {accuracy, nll}. With a single example of some class there is
+nothing to hold out: `fallback` is used (the ensemble that did best over 1-shot episodes in
+benchmarks/fewshot.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from embedstore.labels.heads.base import HEADS, Head, encode_labels, register, restore
+from embedstore.labels.heads.calibrate import fit_temperature, make_folds, nll
+
+# label -> (head name, parameters); CL2N variants are candidates of their own
+CANDIDATES: dict[str, tuple[str, dict]] = {
+    "centroid": ("centroid", {}),
+    "centroid+cl2n": ("centroid", {"center": True}),
+    "knn": ("knn", {}),
+    "linear": ("linear", {}),
+    "propagate": ("propagate", {}),
+    "propagate+cl2n": ("propagate", {"center": True}),
+}
+TEXT_CANDIDATES: dict[str, tuple[str, dict]] = {"zeroshot": ("zeroshot", {}), "fused": ("fused", {})}
+FALLBACK = ("propagate+cl2n", "linear")
+# temperatures for when nothing can be held out (a class with one example): typical fitted values on digits
+DEFAULT_T = {"propagate": 0.1, "propagate+cl2n": 0.1, "linear": 0.5, "knn": 0.3, "centroid": 0.3, "centroid+cl2n": 0.3}
+
+
+def log_softmax(Z: np.ndarray) -> np.ndarray:
+    Z = Z - Z.max(1, keepdims=True)
+    return Z - np.log(np.exp(Z).sum(1, keepdims=True))
+
+
+@register
+class AutoHead(Head):
+    name = "auto"
+    params = ("candidates", "ensemble", "n_splits", "seed", "fallback")
+
+    def __init__(self, candidates: list[str] | None = None, ensemble: bool = True, n_splits: int = 5, seed: int = 0,
+                 fallback: tuple[str, ...] = FALLBACK, text_encoder: Callable | None = None, center: bool = False):
+        super().__init__(center=False)
+        self.text_encoder = text_encoder
+        self.candidates = list(candidates) if candidates else None
+        self.ensemble, self.n_splits, self.seed = bool(ensemble), int(n_splits), int(seed)
+        self.fallback = tuple(fallback)
+        self.members: list[Head] = []
+        self.chosen: str = ""
+        self.cv_scores: dict[str, dict[str, float]] = {}
+
+    def _catalogue(self, unlabeled) -> dict[str, tuple[str, dict]]:
+        cat = dict(CANDIDATES)
+        if self.text_encoder is not None:
+            cat.update(TEXT_CANDIDATES)
+        names = self.candidates or list(cat)
+        from embedstore.errors import InvalidArgumentError
+
+        unknown = [n for n in names if n not in cat]
+        if unknown:
+            raise InvalidArgumentError(f"unknown auto candidates {unknown}; choose from {list(cat)}")
+        return {n: cat[n] for n in names}
+
+    def _make(self, label: str, cat) -> Head:
+        name, kw = cat[label]
+        kw = dict(kw)
+        if name in TEXT_CANDIDATES:
+            kw["text_encoder"] = self.text_encoder
+        return HEADS[name](**kw)
+
+    def fit(self, X, y, unlabeled=None):
+        X = np.asarray(X, np.float32)
+        y = [str(c) for c in y]
+        self.classes, yi = encode_labels(y)
+        cat = self._catalogue(unlabeled)
+        folds = make_folds(y, self.n_splits, self.seed)
+        if folds is None:
+            labels = [f for f in self.fallback if f in cat] or [next(iter(cat))]
+            temps = {lab: DEFAULT_T.get(lab, 1.0) for lab in labels}
+            self.cv_scores = {}
+        else:
+            oof, temps = {}, {}
+            for lab in cat:
+                Z = self._make(lab, cat).cv_logits(X, y, unlabeled, folds)
+                temps[lab] = fit_temperature(Z, yi)
+                oof[lab] = log_softmax(Z / temps[lab])
+            scores = {lab: self._score(Z, yi) for lab, Z in oof.items()}
+            if self.ensemble and len(oof) > 1:
+                ranked = sorted(scores, key=lambda k: (-scores[k]["accuracy"], scores[k]["nll"]))
+                for m in (2, 3):
+                    if len(ranked) >= m:
+                        combo = "+".join(ranked[:m])
+                        oof[combo] = np.mean([oof[r] for r in ranked[:m]], 0)
+                        scores[combo] = self._score(oof[combo], yi)
+            self.cv_scores = scores
+            best = min(scores, key=lambda k: (-scores[k]["accuracy"], scores[k]["nll"]))
+            labels = self._split(best, cat)
+        self.members = []
+        for lab in labels:
+            h = self._make(lab, cat).fit(X, y, unlabeled)
+            h.temperature = temps[lab]
+            self.members.append(h)
+        self.chosen = " + ".join(labels)
+        self._remember(X)
+        self.temperature = 1.0
+        if folds is not None and len(labels) > 1:
+            self.temperature = fit_temperature(np.mean([oof[lab] for lab in labels], 0), yi)
+        return self
+
+    @staticmethod
+    def _split(best: str, cat) -> list[str]:
+        """'propagate+cl2n+linear' -> ['propagate+cl2n', 'linear'] (labels may contain '+')."""
+        out, parts = [], best.split("+")
+        while parts:
+            for n in range(len(parts), 0, -1):
+                lab = "+".join(parts[:n])
+                if lab in cat:
+                    out.append(lab)
+                    parts = parts[n:]
+                    break
+            else:
+                raise ValueError(f"cannot parse ensemble '{best}'")
+        return out
+
+    @staticmethod
+    def _score(logp: np.ndarray, yi: np.ndarray) -> dict[str, float]:
+        return {"accuracy": float((logp.argmax(1) == yi).mean()), "nll": nll(logp, yi)}
+
+    def _logits(self, X):
+        return np.mean([log_softmax(m.logits(X) / m.temperature) for m in self.members], 0).astype(np.float32)
+
+    def _prep(self, X):  # members prepare their own input
+        from embedstore.labels.heads.base import check_vectors
+
+        return check_vectors(X)
+
+    def add_class(self, X, name):
+        self._new_class(name)
+        self._remember(X, append=True)
+        for m in self.members:
+            m.add_class(X, name)
+        return self
+
+    def clone(self):
+        h = super().clone()
+        h.text_encoder = self.text_encoder
+        return h
+
+    def get_params(self):
+        p = super().get_params()
+        p["fallback"] = list(self.fallback)
+        return p
+
+    def _state(self):
+        header, arrays = super()._state()
+        header["chosen"], header["cv_scores"], header["members"] = self.chosen, self.cv_scores, []
+        for i, m in enumerate(self.members):
+            h, a = m._state()
+            header["members"].append(h)
+            arrays.update({f"m{i}__{k}": v for k, v in a.items()})
+        return header, arrays
+
+    @classmethod
+    def _from_state(cls, header, arrays):
+        head = super()._from_state(header, {k: v for k, v in arrays.items() if "__" not in k})
+        head.chosen, head.cv_scores = header["chosen"], header["cv_scores"]
+        head.members = [
+            restore(h, {k.split("__", 1)[1]: v for k, v in arrays.items() if k.startswith(f"m{i}__")})
+            for i, h in enumerate(header["members"])
+        ]
+        return head

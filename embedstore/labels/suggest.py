@@ -1,0 +1,159 @@
+"""What to label next: uncertainty mixed with diversity and class balance.
+
+Each unlabeled image gets three scores in [0, 1]:
+  uncertainty  1 - margin between the head's top two classes (the classic margin sampling rule),
+  diversity    how far it is from every labeled or already-suggested image (greedy coverage: each pick
+               updates the distances, so a batch does not pile up in one corner of embedding space),
+  balance      how rare its predicted class is among the labels (rarest class = 1).
+The pick maximises a weighted sum, one image at a time. Near-identical vectors (cosine above `dedup`)
+to a labeled or already-picked image are skipped: labeling a duplicate teaches nothing.
+Without two labeled classes there is no head yet: the picks are k-means++ seeds (diverse and
+representative), again without duplicates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from embedstore.errors import InvalidArgumentError
+
+WEIGHTS = {"uncertainty": 0.5, "diversity": 0.35, "balance": 0.15}
+
+
+def max_similarity(Q: np.ndarray, L: np.ndarray, block: int = 16384) -> np.ndarray:
+    """Per row of Q, its largest cosine similarity to any row of L (-1 when L is empty)."""
+    if len(L) == 0:
+        return np.full(len(Q), -1.0, np.float32)
+    out = np.empty(len(Q), np.float32)
+    for i in range(0, len(Q), block):
+        out[i : i + block] = (Q[i : i + block] @ L.T).max(1)
+    return out
+
+
+def select(
+    X: np.ndarray,
+    n: int,
+    uncertainty: np.ndarray | None = None,
+    balance: np.ndarray | None = None,
+    labeled: np.ndarray | None = None,
+    weights: dict | None = None,
+    dedup: float = 0.99,
+) -> tuple[list[int], list[dict]]:
+    """Greedy batch selection over candidate vectors X (rows L2-normalised).
+
+    Returns the chosen rows and, per pick, its parts {uncertainty, diversity, balance, score,
+    nearest_similarity}. Pure numpy over arrays: usable on vectors from anywhere.
+    """
+    w = {**WEIGHTS, **(weights or {})}
+    m = len(X)
+    u = np.zeros(m, np.float32) if uncertainty is None else np.asarray(uncertainty, np.float32)
+    b = np.zeros(m, np.float32) if balance is None else np.asarray(balance, np.float32)
+    nearest = max_similarity(X, labeled if labeled is not None else np.zeros((0, X.shape[1]), np.float32))
+    blocked = nearest > dedup
+    chosen: list[int] = []
+    parts: list[dict] = []
+    for _ in range(min(n, m)):
+        d = (1.0 - nearest) / 2.0  # cosine distance in [0, 1]
+        avail = ~blocked
+        if not avail.any():
+            break
+        top = d[avail].max()
+        dn = d / top if top > 0 else np.zeros_like(d)
+        score = w["uncertainty"] * u + w["diversity"] * dn + w["balance"] * b
+        score[blocked] = -np.inf
+        j = int(np.argmax(score))
+        chosen.append(j)
+        parts.append(
+            {
+                "uncertainty": float(u[j]),
+                "diversity": float(dn[j]),
+                "balance": float(b[j]),
+                "score": float(score[j]),
+                "nearest_similarity": float(nearest[j]),
+            }
+        )
+        s = X @ X[j]
+        blocked |= s > dedup
+        blocked[j] = True
+        np.maximum(nearest, s, out=nearest)
+    return chosen, parts
+
+
+def kmeanspp(X: np.ndarray, n: int, seed: int = 0, dedup: float = 0.99) -> list[int]:
+    """n diverse, representative rows: k-means++ seeding (sklearn), then near-duplicates dropped."""
+    from sklearn.cluster import kmeans_plusplus
+
+    if len(X) == 0:
+        return []
+    k = min(len(X), n + max(4, n // 4))
+    _, idx = kmeans_plusplus(X, n_clusters=k, random_state=seed)
+    out: list[int] = []
+    for j in idx:
+        if all(float(X[j] @ X[i]) <= dedup for i in out):
+            out.append(int(j))
+        if len(out) == n:
+            break
+    return out
+
+
+def suggest(store, n: int = 24, head: str = "knn", weights: dict | None = None, dedup: float = 0.99, seed: int = 0) -> list[dict]:
+    """Up to n unlabeled, non-duplicate images to label next: list of dict(id, path, score, reason,
+    prediction, margin, nearest_similarity), best first."""
+    if n < 1:
+        raise InvalidArgumentError(f"n must be at least 1, got {n}")
+    vs = store.vectors()
+    labels = store.labels(source=None)
+    is_lab = np.array([int(i) in labels for i in vs.ids], bool)
+    cand = np.flatnonzero(~is_lab)
+    if len(cand) == 0:
+        return []
+    Xc, XL = vs.vectors[cand], vs.vectors[is_lab]
+    y = [labels[int(i)] for i in vs.ids[is_lab]]
+    classes = sorted(set(y))
+    if len(classes) < 2:
+        # no head yet: cover the collection, away from whatever is labeled
+        if len(XL):
+            rows, parts = select(Xc, n, labeled=XL, weights={"uncertainty": 0, "balance": 0, "diversity": 1}, dedup=dedup)
+            return [
+                _row(vs, cand[j], p["score"], f"unlike the labeled images (nearest similarity {p['nearest_similarity']:.2f})", None, None, p)
+                for j, p in zip(rows, parts)
+            ]
+        rows = kmeanspp(Xc, n, seed=seed, dedup=dedup)
+        return [_row(vs, cand[j], 1.0, "diverse sample of the collection (k-means++)", None, None, None) for j in rows]
+
+    h = store.make_head(head)
+    h.fit(XL, y, unlabeled=Xc)
+    P = h.predict_proba(Xc)
+    order = np.argsort(-P, axis=1)[:, :2]
+    p1 = np.take_along_axis(P, order[:, :1], 1)[:, 0]
+    p2 = np.take_along_axis(P, order[:, 1:2], 1)[:, 0]
+    margin = p1 - p2
+    counts = {c: y.count(c) for c in h.classes}
+    rarest = min(counts.values())
+    balance = np.array([rarest / counts[h.classes[k]] for k in order[:, 0]], np.float32)
+    rows, parts = select(Xc, n, uncertainty=1 - margin, balance=balance, labeled=XL, weights=weights, dedup=dedup)
+    w = {**WEIGHTS, **(weights or {})}
+    out = []
+    for j, p in zip(rows, parts):
+        c1, c2 = h.classes[order[j, 0]], h.classes[order[j, 1]]
+        contrib = {k: w[k] * p[k] for k in ("uncertainty", "diversity", "balance")}
+        why = max(contrib, key=contrib.get)
+        reason = {
+            "uncertainty": f"uncertain between {c1} and {c2} (margin {margin[j]:.2f})",
+            "diversity": f"unlike the labeled images (nearest similarity {p['nearest_similarity']:.2f})",
+            "balance": f"probably {c1}, a class with only {counts[c1]} label(s)",
+        }[why]
+        out.append(_row(vs, cand[j], p["score"], reason, c1, float(margin[j]), p))
+    return out
+
+
+def _row(vs, pos, score, reason, prediction, margin, parts) -> dict:
+    return {
+        "id": int(vs.ids[pos]),
+        "path": vs.paths[pos],
+        "score": round(float(score), 4),
+        "reason": reason,
+        "prediction": prediction,
+        "margin": None if margin is None else round(margin, 4),
+        "nearest_similarity": None if parts is None else round(parts["nearest_similarity"], 4),
+    }
