@@ -4,10 +4,14 @@
     store = embedstore.open("./photos.es", backbone="offline:efficientnet_lite0")
     store.add(["./photos"])
     ids, paths, X = store.vectors()
+
+`Store` (store.py) is the one Python API; its methods return the dataclasses of `embedstore.results`.
 """
 
+from embedstore import results
 from embedstore.errors import EmbedstoreError
-from embedstore.store import AddResult, Store, VectorSet
+from embedstore.results import AddResult, VectorSet
+from embedstore.store import Store
 
 
 def open(path, backbone: str | None = None, weights: str | None = None, **kw) -> Store:  # noqa: A001
@@ -19,4 +23,4 @@ def open(path, backbone: str | None = None, weights: str | None = None, **kw) ->
 
 
 __version__ = "0.1.0"
-__all__ = ["open", "Store", "AddResult", "VectorSet", "EmbedstoreError", "__version__"]
+__all__ = ["open", "Store", "AddResult", "VectorSet", "EmbedstoreError", "results", "__version__"]

@@ -21,11 +21,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from embedstore.errors import InvalidArgumentError
 from embedstore.ingest.backbones.base import Backbone, PreprocessCfg
+from embedstore.ingest.images import check_pixel_limit
+from embedstore.ingest.images import load_image, list_image_files, IMAGE_EXTENSIONS  # noqa: F401
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 CPU_BATCH = 4  # fastest for efficientnet_lite0 at 1 thread per stream: larger batches allocate
 # activation buffers above glibc's mmap threshold, and every forward pays page faults for them (measured)
 
@@ -34,36 +36,10 @@ def resolve_device(device: str | None = "auto") -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from embedstore.errors import InvalidArgumentError
-
         raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
     if device not in ("cpu",) and not device.startswith("cuda"):
-        from embedstore.errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"unknown device '{device}'; use auto, cpu or cuda")
     return device
-
-
-def load_image(src, pre: PreprocessCfg | None = None) -> Image.Image:
-    """Open a path/bytes as RGB: draft-mode decode for JPEGs, EXIF orientation, bomb check.
-
-    Raises on unreadable, truncated, non-image and decompression-bomb files.
-    """
-    im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
-    # Pillow raises over twice its pixel limit and only warns above it; refuse both before decoding.
-    # (An explicit check, not warnings.catch_warnings: that is not thread-safe, and decoding runs in threads.)
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and im.width * im.height > limit:
-        raise Image.DecompressionBombError(
-            f"image of {im.width}x{im.height} pixels exceeds the limit of {limit} pixels (possible decompression "
-            "bomb); raise PIL.Image.MAX_IMAGE_PIXELS to accept it"
-        )
-    if pre is not None and im.format == "JPEG":
-        target = pre.resize_size
-        im.draft("RGB", (target, target))  # decode at 1/2, 1/4, 1/8 scale when the file is large
-    im.load()
-    im = ImageOps.exif_transpose(im)
-    return im.convert("RGB")
 
 
 @functools.lru_cache(maxsize=16)
@@ -311,13 +287,7 @@ class RawDataset(torch.utils.data.Dataset):
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            im = Image.open(io.BytesIO(data))
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and im.width * im.height > limit:
-                raise Image.DecompressionBombError(
-                    f"image of {im.width}x{im.height} pixels exceeds the limit of {limit} pixels (possible "
-                    "decompression bomb); raise PIL.Image.MAX_IMAGE_PIXELS to accept it"
-                )
+            check_pixel_limit(Image.open(io.BytesIO(data)))
             return id_, data, None
         except Exception as e:
             return id_, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -374,29 +344,3 @@ def gpu_decode_batch(datas: Sequence[bytes], pre: PreprocessCfg, device: str) ->
         im = F.center_crop(im, [size, size])
         out.append((im.float() / 255.0 - mean) / std)
     return torch.stack(out)
-
-
-def list_image_files(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
-    """Expand files and folders (recursively) into absolute image paths; also return missing paths.
-
-    Files named explicitly are always tried (a bad one is recorded as an error); inside folders only
-    files with image extensions are taken.
-    """
-    from pathlib import Path
-
-    files: list[str] = []
-    missing: list[str] = []
-    for p in paths:
-        p = Path(p).expanduser()
-        if p.is_dir():
-            for q in sorted(p.rglob("*")):
-                if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS and not any(
-                    part.startswith(".") for part in q.relative_to(p).parts
-                ):
-                    files.append(str(q.resolve()))
-        elif p.is_file():
-            files.append(str(p.resolve()))
-        else:
-            missing.append(str(p))
-    seen: set[str] = set()
-    return [f for f in files if not (f in seen or seen.add(f))], missing

@@ -16,34 +16,27 @@ import datetime as dt
 import json
 import time
 import uuid
-from contextlib import contextmanager
 from collections import defaultdict
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pyarrow as pa
+from sklearn.metrics import confusion_matrix
 
+from embedstore.clock import now_iso
 from embedstore.errors import EmptyInputError, InvalidArgumentError
+from embedstore.labels.heads import HEADS
+from embedstore.progress import progress_bar
+from embedstore.results import EvalRun
+from embedstore.storage import Storage
 
-EVALS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("time", pa.timestamp("us", tz="UTC")),
-        ("version", pa.string()),
-        ("n_labels", pa.int64()),
-        ("n_classes", pa.int64()),
-        ("best_head", pa.string()),
-        ("best_accuracy", pa.float64()),
-        ("results", pa.string()),
-    ]
-)
+if TYPE_CHECKING:  # for annotations only: classify.py calls into this module
+    from embedstore.labels.classify import ClassifyService
+
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 TEXT_HEADS = ("zeroshot", "fused")
 
 
 def applicable_heads(has_text: bool) -> list[str]:
-    from embedstore.labels.heads import HEADS
-
     return [h for h in HEADS if has_text or h not in TEXT_HEADS]
 
 
@@ -102,8 +95,6 @@ def run_episodes(
                     continue
                 acc[name][s].append(float(np.mean(pred == y[query])))
                 if s == ok[-1]:
-                    from sklearn.metrics import confusion_matrix
-
                     m = confusion_matrix(list(y[query]), list(pred), labels=classes)
                     confusion[name] = confusion.get(name, 0) + m
                 if getattr(h, "chosen", None):
@@ -125,7 +116,7 @@ def run_episodes(
 
 
 def evaluate(
-    store,
+    clf: "ClassifyService",
     shots: Sequence[int] = DEFAULT_SHOTS,
     episodes: int = 10,
     heads: Sequence[str] | None = None,
@@ -133,32 +124,30 @@ def evaluate(
     max_unlabeled: int = 2000,
     progress: bool = False,
     save: bool = True,
-) -> dict:
+) -> EvalRun:
     """Run the episodes on the store's labels (active version) and store the run in table `evals`."""
     t0 = time.perf_counter()
     if episodes < 1:
         raise InvalidArgumentError(f"episodes must be at least 1, got {episodes}")
-    possible = applicable_heads(store.has_text)
+    possible = applicable_heads(clf.has_text())
     if heads is None:
         heads = possible
     else:
         heads = list(heads)
-        from embedstore.labels.heads import HEADS
-
         bad = [h for h in heads if h not in HEADS]
         if bad:
             raise InvalidArgumentError(f"unknown head(s) {', '.join(bad)}; choose from: {', '.join(HEADS)}")
         for h in heads:
             if h in TEXT_HEADS:
-                store.make_head(h)  # raises NotSupportedError without a text tower
-    vs, lab, y, unl = store._labeled_split()
+                clf.make_head(h)  # raises NotSupportedError without a text tower
+    vs, lab, y, unl = clf.labeled_split()
     rng = np.random.default_rng(seed)
     U = vs.vectors[rng.choice(unl, min(len(unl), max_unlabeled), replace=False)] if len(unl) else None
     counts = [y.count(c) for c in set(y)]
     total = len([s for s in shots if 1 <= s < min(counts)]) * episodes * len(heads)
-    with _progress(total, progress) as advance:
+    with progress_bar(total, "evaluating", progress, unit="fits") as advance:
         res = run_episodes(
-            vs.vectors[lab], y, store.make_head, heads, shots=shots, episodes=episodes, seed=seed, unlabeled=U, progress=advance
+            vs.vectors[lab], y, clf.make_head, heads, shots=shots, episodes=episodes, seed=seed, unlabeled=U, progress=advance
         )
     last = str(res["shots"][-1])
     ranked = sorted(res["heads"], key=lambda h: -res["heads"][h][last]["mean"])
@@ -166,7 +155,7 @@ def evaluate(
     confusions = res.pop("confusions")
     run = {
         "run_id": uuid.uuid4().hex[:12],
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "time": now_iso("microseconds"),
         "version": vs.version,
         "n_labels": int(len(lab)),
         "n_classes": len(set(y)),
@@ -185,24 +174,11 @@ def evaluate(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if save:
-        _store_run(store, run)
-    return run
+        _store_run(clf.storage, run)
+    return EvalRun.from_dict(run)
 
 
-@contextmanager
-def _progress(total: int, enabled: bool):
-    """A rich bar counting head fits; a no-op for --json and library use."""
-    if not enabled or total == 0:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("fits"), TimeElapsedColumn()) as p:
-        task = p.add_task("evaluating", total=total)
-        yield lambda n: p.advance(task, n)
-
-
-def _store_run(store, run: dict) -> None:
+def _store_run(storage: Storage, run: dict) -> None:
     row = {
         "run_id": run["run_id"],
         "time": dt.datetime.fromisoformat(run["time"]),
@@ -213,26 +189,15 @@ def _store_run(store, run: dict) -> None:
         "best_accuracy": run["best_accuracy"],
         "results": json.dumps(run),
     }
-    with store.write_lock():
-        store.table("evals", EVALS_SCHEMA).add(pa.Table.from_pylist([row], schema=EVALS_SCHEMA))
+    with storage.write_lock():
+        storage.add_rows("evals", [row])
 
 
-def eval_history(store, version: str | None = None) -> list[dict]:
-    """Stored runs, oldest first: dicts with run_id, time, version, n_labels, n_classes, best_head,
-    best_accuracy and results (the full run). version: None = active, "all" = every version."""
-    t = store.read_table("evals")
+def eval_history(storage: Storage, version: str | None = None) -> list[EvalRun]:
+    """Stored runs, oldest first. version: None = active, "all" = every version."""
+    t = storage.read_table("evals", ["version", "time", "results"])
     if t is None:
         return []
-    want = store.active_version if version is None else version
-    rows = [r for r in t.to_pylist() if want == "all" or r["version"] == want]
-    rows.sort(key=lambda r: r["time"])
-    return [{**{k: v for k, v in r.items() if k != "results"}, "time": r["time"].isoformat(), "results": json.loads(r["results"])} for r in rows]
-
-
-def curve_table(run: dict) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the learning curve: one row per head, one column per shot count."""
-    header = ["head"] + [f"{s}-shot" for s in run["shots"]] + ["mean"]
-    rows = []
-    for h, d in sorted(run["heads"].items(), key=lambda kv: -run["mean_accuracy"][kv[0]]):
-        rows.append([h] + [f"{d[str(s)]['mean']:.3f} ±{d[str(s)]['std']:.3f}" for s in run["shots"]] + [f"{run['mean_accuracy'][h]:.3f}"])
-    return header, rows
+    want = storage.active_version if version is None else version
+    rows = sorted((r for r in t.to_pylist() if want == "all" or r["version"] == want), key=lambda r: r["time"])
+    return [EvalRun.from_dict(json.loads(r["results"])) for r in rows]

@@ -14,20 +14,26 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from embedstore.errors import InvalidArgumentError
+from embedstore.results import ExportResult
+
+if TYPE_CHECKING:  # for annotations only: classify.py calls into this module
+    from embedstore.labels.classify import ClassifyService
 
 FORMATS = ("csv", "json", "imagefolder")
 INCLUDE = ("all", "labels", "predictions")
 COLUMNS = ("id", "path", "label", "source", "confidence", "head")
 
 
-def export_rows(store, include: str = "all") -> list[dict]:
+def export_rows(clf: "ClassifyService", include: str = "all") -> list[dict]:
     """Labeled images first-class, then predictions for images without a label; sorted by id."""
     if include not in INCLUDE:
         raise InvalidArgumentError(f"unknown include {include!r}; use one of {', '.join(INCLUDE)}")
     rows: dict[int, dict] = {}
     if include in ("all", "predictions"):
-        for r in store.predictions().to_pylist():
+        for r in clf.predictions().to_pylist():
             rows[r["id"]] = {
                 "id": r["id"],
                 "path": r["path"],
@@ -37,21 +43,23 @@ def export_rows(store, include: str = "all") -> list[dict]:
                 "head": r["head"],
             }
     if include in ("all", "labels"):
-        for r in store.labels_table().to_pylist():
+        for r in clf.labels.labels_table().to_pylist():
             rows[r["id"]] = {"id": r["id"], "path": r["path"], "label": r["label"], "source": r["source"], "confidence": None, "head": None}
     return [rows[i] for i in sorted(rows)]
 
 
-def export(store, fmt: str, out: str | os.PathLike, include: str = "all", link: bool = False, overwrite: bool = False) -> dict:
-    """Write the export; returns dict(format, out, rows, per_class, unknown, files, missing)."""
+def export(
+    clf: "ClassifyService", fmt: str, out: str | os.PathLike, include: str = "all", link: bool = False, overwrite: bool = False
+) -> ExportResult:
+    """Write the export (csv, json or imagefolder)."""
     if fmt not in FORMATS:
         raise InvalidArgumentError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    rows = export_rows(store, include)
+    rows = export_rows(clf, include)
     if not rows:
         raise InvalidArgumentError("nothing to export: no labels or predictions yet; run embedstore label / classify first")
     out = Path(out).expanduser().resolve()
     per_class = dict(sorted(Counter(r["label"] for r in rows if r["label"] is not None).items()))
-    res = {"format": fmt, "out": str(out), "rows": len(rows), "per_class": per_class, "unknown": sum(r["label"] is None for r in rows)}
+    res = ExportResult(fmt, str(out), len(rows), per_class, sum(r["label"] is None for r in rows))
     if fmt == "csv":
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="", encoding="utf-8") as f:
@@ -63,11 +71,12 @@ def export(store, fmt: str, out: str | os.PathLike, include: str = "all", link: 
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2))
     else:
-        res.update(_imagefolder(rows, out, link, overwrite))
+        res.files, res.missing = _imagefolder(rows, out, link, overwrite)
+        res.linked = link
     return res
 
 
-def _imagefolder(rows: list[dict], out: Path, link: bool, overwrite: bool) -> dict:
+def _imagefolder(rows: list[dict], out: Path, link: bool, overwrite: bool) -> tuple[int, list[str]]:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise InvalidArgumentError(f"{out} exists and is not an empty folder; pick a new folder or pass --overwrite")
     files, missing = 0, []
@@ -89,4 +98,4 @@ def _imagefolder(rows: list[dict], out: Path, link: bool, overwrite: bool) -> di
             dst.unlink()
         os.symlink(src, dst) if link else shutil.copy2(src, dst)
         files += 1
-    return {"files": files, "missing": missing, "linked": link}
+    return files, missing

@@ -13,9 +13,15 @@ representative), again without duplicates.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from embedstore.errors import InvalidArgumentError
+from embedstore.results import Suggestion
+
+if TYPE_CHECKING:  # for annotations only: classify.py calls into this module
+    from embedstore.labels.classify import ClassifyService
 
 WEIGHTS = {"uncertainty": 0.5, "diversity": 0.35, "balance": 0.15}
 
@@ -96,13 +102,14 @@ def kmeanspp(X: np.ndarray, n: int, seed: int = 0, dedup: float = 0.99) -> list[
     return out
 
 
-def suggest(store, n: int = 24, head: str = "knn", weights: dict | None = None, dedup: float = 0.99, seed: int = 0) -> list[dict]:
-    """Up to n unlabeled, non-duplicate images to label next: list of dict(id, path, score, reason,
-    prediction, margin, nearest_similarity), best first."""
+def suggest(
+    clf: "ClassifyService", n: int = 24, head: str = "knn", weights: dict | None = None, dedup: float = 0.99, seed: int = 0
+) -> list[Suggestion]:
+    """Up to n unlabeled, non-duplicate images to label next, best first."""
     if n < 1:
         raise InvalidArgumentError(f"n must be at least 1, got {n}")
-    vs = store.vectors()
-    labels = store.labels(source=None)
+    vs = clf.storage.vectors()
+    labels = clf.labels.labels(source=None)
     is_lab = np.array([int(i) in labels for i in vs.ids], bool)
     cand = np.flatnonzero(~is_lab)
     if len(cand) == 0:
@@ -121,7 +128,7 @@ def suggest(store, n: int = 24, head: str = "knn", weights: dict | None = None, 
         rows = kmeanspp(Xc, n, seed=seed, dedup=dedup)
         return [_row(vs, cand[j], 1.0, "diverse sample of the collection (k-means++)", None, None, None) for j in rows]
 
-    h = store.make_head(head)
+    h = clf.make_head(head)
     h.fit(XL, y, unlabeled=Xc)
     P = h.predict_proba(Xc)
     order = np.argsort(-P, axis=1)[:, :2]
@@ -147,13 +154,13 @@ def suggest(store, n: int = 24, head: str = "knn", weights: dict | None = None, 
     return out
 
 
-def _row(vs, pos, score, reason, prediction, margin, parts) -> dict:
-    return {
-        "id": int(vs.ids[pos]),
-        "path": vs.paths[pos],
-        "score": round(float(score), 4),
-        "reason": reason,
-        "prediction": prediction,
-        "margin": None if margin is None else round(margin, 4),
-        "nearest_similarity": None if parts is None else round(parts["nearest_similarity"], 4),
-    }
+def _row(vs, pos, score, reason, prediction, margin, parts) -> Suggestion:
+    return Suggestion(
+        id=int(vs.ids[pos]),
+        path=vs.paths[pos],
+        score=round(float(score), 4),
+        reason=reason,
+        prediction=prediction,
+        margin=None if margin is None else round(margin, 4),
+        nearest_similarity=None if parts is None else round(parts["nearest_similarity"], 4),
+    )

@@ -18,18 +18,46 @@ and channels_last.
 from __future__ import annotations
 
 import copy
-import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from embedstore.ingest.backbones.base import Backbone
 from embedstore.errors import EmptyInputError, InvalidArgumentError
+from embedstore.ingest.backbones.base import Backbone
+from embedstore.loop.train_data import (
+    CachedBatches,
+    DeviceRun,
+    StreamedBatches,
+    image_loader,
+    image_transforms,
+    split_holdout,
+)
+from embedstore.loop.train_surgery import (
+    CosineHead,
+    block_list,
+    export_state_dict,
+    lora_targets,
+    split_frozen_prefix,
+    tail_names,
+)
+from embedstore.progress import progress_bar
+
+__all__ = [
+    "DEFAULT_LR",
+    "METHODS",
+    "FinetuneConfig",
+    "TrainResult",
+    "block_list",
+    "export_state_dict",
+    "split_frozen_prefix",
+    "split_holdout",
+    "tail_names",
+    "train_backbone",
+]
 
 METHODS = ("lora", "last-blocks", "full")
 DEFAULT_LR = {"lora": 1e-3, "last-blocks": 3e-4, "full": 5e-5}
@@ -86,172 +114,25 @@ class TrainResult:
     config: dict = field(default_factory=dict)
 
 
-# ---- data ----------------------------------------------------------------------------------
-def split_holdout(ids: Sequence[int], y: Sequence[str], frac: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Stratified split: round(frac * n) of each class held out, at least 1 when the class has 2+ images."""
-    rng = np.random.default_rng(seed)
-    train, hold = [], []
-    by_class: dict[str, list[int]] = {}
-    for i, c in zip(ids, y):
-        by_class.setdefault(c, []).append(int(i))
-    for c in sorted(by_class):
-        members = sorted(by_class[c])
-        rng.shuffle(members)
-        k = max(1, int(round(frac * len(members)))) if len(members) >= 2 else 0
-        hold += members[:k]
-        train += members[k:]
-    return sorted(train), sorted(hold)
+# ---- preparing --------------------------------------------------------------------------------
+@dataclass
+class _Labels:
+    """The labelled items, split into a training fold and a held-out fold."""
+
+    classes: list[str]
+    by_id: dict[int, tuple[str, int]]  # id -> (path, class index)
+    train_ids: list[int]
+    hold_ids: list[int]
+
+    def items(self, ids: Sequence[int]) -> list[tuple[str, int]]:
+        return [self.by_id[i] for i in ids]
+
+    def targets(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([self.by_id[i][1] for i in ids])
 
 
-class _LabeledImages(torch.utils.data.Dataset):
-    def __init__(self, items: Sequence[tuple[str, int]], transform: Callable, pre):
-        self.items, self.tf, self.pre = list(items), transform, pre
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):
-        from embedstore.ingest.pipeline import load_image
-
-        path, y = self.items[i]
-        return self.tf(load_image(path, self.pre)), y
-
-
-def _transforms(bb: Backbone, cfg: FinetuneConfig):
-    from torchvision import transforms as T
-
-    pre = bb.preprocess
-    size = cfg.image_size or pre.input_size[-1]
-    interp = T.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-    train = [T.RandomResizedCrop(size, scale=cfg.crop_scale, interpolation=interp)]
-    if cfg.flip:
-        train.append(T.RandomHorizontalFlip())
-    norm = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
-    evaluate = [T.Resize(int(math.floor(size / pre.crop_pct)), interpolation=interp), T.CenterCrop(size)]
-    return T.Compose(train + norm), T.Compose(evaluate + norm)
-
-
-def _loader(items, tf, pre, batch_size: int, shuffle: bool, device: str, seed: int):
-    from embedstore.ingest.pipeline import _mp_context, _worker_init
-
-    cuda = device.startswith("cuda")
-    workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda and len(items) > 4 * batch_size else 0
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        _LabeledImages(items, tf, pre),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=g,
-        num_workers=workers,
-        pin_memory=cuda,
-        worker_init_fn=_worker_init if workers else None,
-        persistent_workers=bool(workers),
-        multiprocessing_context=_mp_context() if workers else None,  # LanceDB is not fork-safe
-    )
-
-
-# ---- which weights adapt -------------------------------------------------------------------
-def block_list(model: nn.Module) -> list[nn.Module]:
-    """The model's sequence of top-level blocks (timm: blocks/stages/layers; open_clip: transformer.resblocks)."""
-    for path in ("blocks", "stages", "layers", "transformer.resblocks", "trunk.blocks", "trunk.stages"):
-        mod = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) > 0:
-            return list(mod)
-    return []
-
-
-def tail_names(model: nn.Module, n_blocks: int) -> tuple[list[str], list[str]]:
-    """(parameter names, module names) from the first of the last `n_blocks` blocks to the end of the model.
-
-    "The end" follows registration order, so the final norm / projection conv of timm models is included.
-    Models without a recognisable block list adapt their last 25% of parameters.
-    """
-    blocks = block_list(model)
-    pnames = [n for n, _ in model.named_parameters()]
-    mnames = [n for n, _ in model.named_modules()]
-    if blocks:
-        first = blocks[max(0, len(blocks) - n_blocks)]
-        start_mod = next(n for n, m in model.named_modules() if m is first)
-        start_p = next((i for i, n in enumerate(pnames) if n.startswith(start_mod + ".")), 0)
-        start_m = mnames.index(start_mod)
-    else:
-        start_p = int(len(pnames) * 0.75)
-        first_p = pnames[start_p] if pnames else ""
-        start_m = next((i for i, n in enumerate(mnames) if n and first_p.startswith(n + ".")), 0)
-    return pnames[start_p:], mnames[start_m:]
-
-
-def _lora_targets(model: nn.Module, module_names: Sequence[str]) -> list[str]:
-    mods = dict(model.named_modules())
-    out = []
-    for n in module_names:
-        m = mods[n]
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
-            out.append(n)
-    return out
-
-
-class _Tail(nn.Module):
-    """The rest of a timm EfficientNet/MobileNet-style model after its first `start` blocks."""
-
-    def __init__(self, model: nn.Module, start: int):
-        super().__init__()
-        self.model, self.start = model, start
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        for b in m.blocks[self.start :]:
-            h = b(h)
-        return m.forward_head(m.bn2(m.conv_head(h)))
-
-
-def split_frozen_prefix(model: nn.Module, n_blocks: int):
-    """(prefix, tail) for models whose forward is conv_stem -> bn1 -> blocks -> conv_head -> bn2 -> head
-    (timm EfficientNet, MobileNet): the frozen prefix's output can be cached; None for other models."""
-    needed = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
-    if not all(hasattr(model, a) for a in needed) or not isinstance(model.blocks, nn.Sequential):
-        return None
-    start = max(0, len(model.blocks) - n_blocks)
-
-    def prefix(x: torch.Tensor) -> torch.Tensor:
-        h = model.bn1(model.conv_stem(x))
-        for b in model.blocks[:start]:
-            h = b(h)
-        return h
-
-    return prefix, _Tail(model, start)
-
-
-class _CosineHead(nn.Module):
-    def __init__(self, centroids: torch.Tensor, scale: float):
-        super().__init__()
-        self.weight = nn.Parameter(centroids.clone())
-        self.scale = scale
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.scale * nn.functional.normalize(f.float(), dim=-1) @ nn.functional.normalize(self.weight, dim=-1).T
-
-
-# ---- training ------------------------------------------------------------------------------
-def train_backbone(
-    bb: Backbone,
-    items: Sequence[tuple[int, str, str]],
-    init_vectors: dict[int, np.ndarray],
-    cfg: FinetuneConfig,
-    device: str = "cpu",
-    progress: bool = True,
-) -> TrainResult:
-    """Fine-tune a copy of `bb.image_model` on (id, path, class) items; `bb` itself is left untouched.
-
-    init_vectors: {id: frozen vector} (the store's own) for the classifier's starting centroids.
-    """
-    cfg.check()
-    torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+def _split_labels(items: Sequence[tuple[int, str, str]], cfg: FinetuneConfig) -> _Labels:
+    """Check there is enough to train on and split (id, path, class) items into train / held-out folds."""
     ids = [int(i) for i, _, _ in items]
     y_names = [c for _, _, c in items]
     classes = sorted(set(y_names))
@@ -264,14 +145,32 @@ def train_backbone(
         )
     cidx = {c: k for k, c in enumerate(classes)}
     by_id = {int(i): (p, cidx[c]) for i, p, c in items}
+    return _Labels(classes, by_id, train_ids, hold_ids)
 
-    # the classifier starts at the class centroids of the frozen vectors
-    D = bb.dim
-    cent = np.zeros((len(classes), D), np.float32)
-    for i in train_ids:
-        cent[by_id[i][1]] += init_vectors[i]
+
+def _class_centroids(labels: _Labels, init_vectors: dict[int, np.ndarray], dim: int) -> np.ndarray:
+    """The classifier's starting weights: unit class centroids of the frozen vectors of the training fold."""
+    cent = np.zeros((len(labels.classes), dim), np.float32)
+    for i in labels.train_ids:
+        cent[labels.by_id[i][1]] += init_vectors[i]
     cent /= np.linalg.norm(cent, axis=1, keepdims=True) + 1e-12
+    return cent
 
+
+@dataclass
+class _Trainee:
+    """The copy being adapted and its temporary classifier."""
+
+    model: nn.Module  # the copy of bb.image_model (LoRA layers injected into it for lora)
+    net: nn.Module  # what runs forward: the peft wrapper for lora, else `model`
+    trainable: list[nn.Parameter]
+    anchors: dict[str, torch.Tensor]  # L2-SP anchors: pretrained values of the trainable weights (not lora)
+    head: CosineHead
+    named_trainable: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+
+
+def _unfreeze(bb: Backbone, cfg: FinetuneConfig):
+    """A frozen copy of bb.image_model with the method's weights made trainable: (model, net, trainable, anchors)."""
     model = copy.deepcopy(bb.image_model).to("cpu").float()
     pnames, mnames = tail_names(model, cfg.blocks)
     for p in model.parameters():
@@ -280,7 +179,7 @@ def train_backbone(
     if cfg.method == "lora":
         import peft
 
-        targets = _lora_targets(model, mnames)
+        targets = lora_targets(model, mnames)
         if not targets:
             raise InvalidArgumentError(
                 f"no Linear/Conv2d layers to attach LoRA to in {bb.name}'s last blocks; use --method last-blocks"
@@ -299,206 +198,205 @@ def train_backbone(
                 p.requires_grad_(True)
                 trainable.append(p)
                 anchors[n] = p.detach().clone()
-    head = _CosineHead(torch.from_numpy(cent), cfg.logit_scale)
+    return model, net, trainable, anchors
 
-    cuda = device.startswith("cuda")
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    net.to(device).to(memory_format=torch.channels_last)
-    head.to(device)
+
+def _build_trainee(bb: Backbone, cfg: FinetuneConfig, cent: np.ndarray, dev: DeviceRun) -> _Trainee:
+    """The trainable model and the centroid-initialised cosine head, on the device, in eval mode."""
+    model, net, trainable, anchors = _unfreeze(bb, cfg)
+    head = CosineHead(torch.from_numpy(cent), cfg.logit_scale)
+    net.to(dev.device).to(memory_format=torch.channels_last)
+    head.to(dev.device)
     net.eval()  # frozen BatchNorm statistics, no dropout: few labels make poor batch statistics
     for a in anchors:
-        anchors[a] = anchors[a].to(device)
+        anchors[a] = anchors[a].to(dev.device)
     named_trainable = [(n, p) for n, p in (net.named_parameters() if cfg.method != "lora" else []) if n in anchors]
+    return _Trainee(model, net, trainable, anchors, head, named_trainable)
+
+
+@dataclass
+class _Optim:
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ce: nn.CrossEntropyLoss
+
+
+def _make_optimizer(tr: _Trainee, cfg: FinetuneConfig, steps: int, amp_dtype) -> _Optim:
+    """AdamW (weight decay on the LoRA adapters) with a one-cycle schedule over `steps`, and the loss."""
     opt = torch.optim.AdamW(
         [
-            {"params": trainable, "lr": cfg.learning_rate, "weight_decay": cfg.reg if cfg.method == "lora" else 0.0},
-            {"params": head.parameters(), "lr": cfg.head_lr, "weight_decay": 0.0},
+            {"params": tr.trainable, "lr": cfg.learning_rate, "weight_decay": cfg.reg if cfg.method == "lora" else 0.0},
+            {"params": tr.head.parameters(), "lr": cfg.head_lr, "weight_decay": 0.0},
         ]
     )
-    train_tf, eval_tf = _transforms(bb, cfg)
-    bs = cfg.batch_size
-    train_items = [by_id[i] for i in train_ids]
-    train_loader = _loader(train_items, train_tf, bb.preprocess, bs, True, device, cfg.seed)
-    hold_loader = _loader([by_id[i] for i in hold_ids], eval_tf, bb.preprocess, bs, False, device, cfg.seed)
-    steps = cfg.epochs * len(train_loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[cfg.learning_rate, cfg.head_lr], total_steps=max(1, steps), pct_start=0.1
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return _Optim(opt, sched, scaler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
 
-    def to_dev(x):
-        return x.to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
 
-    def run(fn, x):
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=cuda):
-            return fn(x)
-
-    # the frozen prefix's output is cached for a few augmented views: later epochs run only the tail
-    split = split_frozen_prefix(model, cfg.blocks) if cfg.method != "full" and cfg.cached_views > 0 else None
+def _batch_source(
+    bb: Backbone, cfg: FinetuneConfig, labels: _Labels, tr: _Trainee, dev: DeviceRun, train_tf, train_loader, hold_loader
+):
+    """Cached frozen-prefix outputs (later epochs run only the tail) when the model splits and the cache
+    fits in cfg.cache_limit_mb; otherwise whole images every epoch."""
+    split = split_frozen_prefix(tr.model, cfg.blocks) if cfg.method != "full" and cfg.cached_views > 0 else None
     views = min(cfg.epochs, cfg.cached_views)
     if split is not None:
         with torch.no_grad():
             c, h, w = bb.preprocess.input_size
             size = cfg.image_size or h
-            probe = split[0](torch.zeros(1, c, size, size, device=device).contiguous(memory_format=torch.channels_last))
-        if probe.numel() * 2 * (views * len(train_ids) + len(hold_ids)) > cfg.cache_limit_mb * 2**20:
+            probe = split[0](torch.zeros(1, c, size, size, device=dev.device).contiguous(memory_format=torch.channels_last))
+        if probe.numel() * 2 * (views * len(labels.train_ids) + len(labels.hold_ids)) > cfg.cache_limit_mb * 2**20:
             split = None
-    if split is not None:
-        prefix, tail = split
-        fwd = tail
-        ytr = torch.tensor([by_id[i][1] for i in train_ids])
+    if split is None:
+        return StreamedBatches(tr.net, train_loader, hold_loader, dev)
+    prefix, tail = split
+    y_train = labels.targets(labels.train_ids)
+    plain = image_loader(labels.items(labels.train_ids), train_tf, bb.preprocess, cfg.batch_size, False, dev.device, cfg.seed)
+    y_hold = labels.targets(labels.hold_ids)
+    return CachedBatches(prefix, tail, plain, hold_loader, y_train, y_hold, views, cfg.batch_size, dev)
 
-        @torch.no_grad()
-        def encode(loader):
-            return torch.cat([run(prefix, to_dev(x)).to(torch.float16 if cuda else torch.float32) for x, _ in loader])
 
-        plain = _loader(train_items, train_tf, bb.preprocess, bs, False, device, cfg.seed)
-        cache = [encode(plain) for _ in range(views)]
-        hold_cache = encode(hold_loader)
+# ---- training ----------------------------------------------------------------------------------
+@dataclass
+class _TrainState:
+    """Everything one run trains with, plus its history, throughput and best epoch so far."""
 
-        def train_batches(epoch):
-            feats = cache[(epoch - 1) % views]
-            perm = torch.randperm(len(ytr))
-            for i in range(0, len(perm), bs):
-                idx = perm[i : i + bs]
-                yield feats[idx.to(feats.device)].float(), ytr[idx]
+    cfg: FinetuneConfig
+    dev: DeviceRun
+    tr: _Trainee
+    optim: _Optim
+    batches: CachedBatches | StreamedBatches
+    history: list[dict] = field(default_factory=list)
+    seen: int = 0  # training images processed
+    t_train: float = 0.0  # seconds spent on them
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    best_weights: list[torch.Tensor] = field(default_factory=list)
 
-        def hold_batches():
-            for i in range(0, len(hold_ids), bs):
-                yield hold_cache[i : i + bs].float(), torch.tensor([by_id[j][1] for j in hold_ids[i : i + bs]])
-    else:
-        fwd = net
 
-        def train_batches(epoch):
-            return ((to_dev(x), y) for x, y in train_loader)
+@torch.no_grad()
+def _held_out(st: _TrainState) -> tuple[float, float]:
+    """(mean loss, accuracy) on the held-out fold."""
+    losses, correct, n = 0.0, 0, 0
+    for x, y in st.batches.hold():
+        y = y.to(st.dev.device)
+        logits = st.tr.head(st.dev.forward(st.batches.fwd, x))
+        losses += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return losses / n, correct / n
 
-        def hold_batches():
-            return ((to_dev(x), y) for x, y in hold_loader)
 
-    @torch.no_grad()
-    def held_out() -> tuple[float, float]:
-        losses, correct, n = 0.0, 0, 0
-        for x, y in hold_batches():
-            y = y.to(device)
-            logits = head(run(fwd, x))
-            losses += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-        return losses / n, correct / n
+def _train_epoch(st: _TrainState, epoch: int, advance) -> float:
+    """One pass over the training fold; returns the mean training loss (L2-SP term included)."""
+    cfg, tr, o = st.cfg, st.tr, st.optim
+    total, count = 0.0, 0
+    te = time.perf_counter()
+    for x, y in st.batches.train(epoch):
+        y = y.to(st.dev.device)
+        logits = tr.head(st.dev.forward(st.batches.fwd, x))
+        loss = o.ce(logits, y)
+        if tr.anchors:
+            loss = loss + cfg.reg * sum(((p - tr.anchors[n]) ** 2).sum() for n, p in tr.named_trainable)
+        o.opt.zero_grad(set_to_none=True)
+        o.scaler.scale(loss).backward()
+        o.scaler.step(o.opt)
+        o.scaler.update()
+        o.sched.step()
+        total += loss.item() * len(y)
+        count += len(y)
+        st.seen += len(y)
+        st.t_train += time.perf_counter() - te
+        te = time.perf_counter()
+        advance(len(y), loss=total / count, epoch=epoch)
+    return total / count
 
-    def snapshot():
-        return [p.detach().clone() for p in trainable], [p.detach().clone() for p in head.parameters()]
 
-    loss0, acc0 = held_out()
-    history = [{"epoch": 0, "train_loss": None, "holdout_loss": round(loss0, 4), "holdout_accuracy": round(acc0, 4)}]
-    best = (loss0, 0, snapshot())
-    seen, t_train = 0, 0.0
-    with _progress(cfg.epochs * len(train_ids), cfg.method, progress) as update:
-        for epoch in range(1, cfg.epochs + 1):
-            total, count = 0.0, 0
-            te = time.perf_counter()
-            for x, y in train_batches(epoch):
-                y = y.to(device)
-                logits = head(run(fwd, x))
-                loss = ce(logits, y)
-                if anchors:
-                    loss = loss + cfg.reg * sum(((p - anchors[n]) ** 2).sum() for n, p in named_trainable)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                total += loss.item() * len(y)
-                count += len(y)
-                seen += len(y)
-                t_train += time.perf_counter() - te
-                te = time.perf_counter()
-                update(len(y), total / count, seen / t_train if t_train else 0.0, epoch)
-            hl, ha = held_out()
-            history.append(
-                {"epoch": epoch, "train_loss": round(total / count, 4), "holdout_loss": round(hl, 4), "holdout_accuracy": round(ha, 4)}
-            )
-            if hl < best[0] - 1e-4:
-                best = (hl, epoch, snapshot())
-            elif epoch - best[1] >= cfg.patience:
-                break
+def _record(st: _TrainState, epoch: int, train_loss: float | None) -> bool:
+    """Evaluate the held-out fold, log the epoch, keep a snapshot if it is the best so far; False: stop early."""
+    hl, ha = _held_out(st)
+    st.history.append(
+        {
+            "epoch": epoch,
+            "train_loss": None if train_loss is None else round(train_loss, 4),
+            "holdout_loss": round(hl, 4),
+            "holdout_accuracy": round(ha, 4),
+        }
+    )
+    if epoch == 0 or hl < st.best_loss - 1e-4:
+        st.best_loss, st.best_epoch = hl, epoch
+        st.best_weights = [p.detach().clone() for p in st.tr.trainable]
+    elif epoch - st.best_epoch >= st.cfg.patience:
+        return False
+    return True
 
-    best_epoch = best[1]
+
+def _fit(st: _TrainState, advance) -> None:
+    """Epoch 0 (the untouched backbone), then train until cfg.epochs or `patience` epochs without progress."""
+    _record(st, 0, None)
+    for epoch in range(1, st.cfg.epochs + 1):
+        train_loss = _train_epoch(st, epoch, advance)
+        if not _record(st, epoch, train_loss):
+            break
+
+
+def _final_model(st: _TrainState) -> nn.Module:
+    """The best epoch's weights, LoRA merged, on CPU, frozen, in eval mode."""
+    tr = st.tr
     with torch.no_grad():
-        for p, v in zip(trainable, best[2][0]):
+        for p, v in zip(tr.trainable, st.best_weights):
             p.copy_(v)
-    if cfg.method == "lora":
-        model = net.merge_and_unload()
+    model = tr.net.merge_and_unload() if st.cfg.method == "lora" else tr.model
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+def train_backbone(
+    bb: Backbone,
+    items: Sequence[tuple[int, str, str]],
+    init_vectors: dict[int, np.ndarray],
+    cfg: FinetuneConfig,
+    device: str = "cpu",
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune a copy of `bb.image_model` on (id, path, class) items; `bb` itself is left untouched.
+
+    init_vectors: {id: frozen vector} (the store's own) for the classifier's starting centroids.
+    """
+    cfg.check()
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    labels = _split_labels(items, cfg)
+    cent = _class_centroids(labels, init_vectors, bb.dim)
+    dev = DeviceRun(device)
+    tr = _build_trainee(bb, cfg, cent, dev)
+    size = cfg.image_size or bb.preprocess.input_size[-1]
+    train_tf, eval_tf = image_transforms(bb.preprocess, size, cfg.crop_scale, cfg.flip)
+    bs = cfg.batch_size
+    train_loader = image_loader(labels.items(labels.train_ids), train_tf, bb.preprocess, bs, True, device, cfg.seed)
+    hold_loader = image_loader(labels.items(labels.hold_ids), eval_tf, bb.preprocess, bs, False, device, cfg.seed)
+    optim = _make_optimizer(tr, cfg, cfg.epochs * len(train_loader), dev.amp_dtype)
+    batches = _batch_source(bb, cfg, labels, tr, dev, train_tf, train_loader, hold_loader)
+    st = _TrainState(cfg, dev, tr, optim, batches)
+    total, label = cfg.epochs * len(labels.train_ids), f"fine-tune ({cfg.method})"
+    fields = {"loss": "loss {:.3f}", "epoch": "epoch {}"}
+    with progress_bar(total, label, progress, unit="img", fields=fields) as advance:
+        _fit(st, advance)
     return TrainResult(
-        model=model,
-        best_epoch=best_epoch,
-        history=history,
-        train_ids=train_ids,
-        holdout_ids=hold_ids,
+        model=_final_model(st),
+        best_epoch=st.best_epoch,
+        history=st.history,
+        train_ids=labels.train_ids,
+        holdout_ids=labels.hold_ids,
         seconds=time.perf_counter() - t0,
-        images_per_second=seen / t_train if t_train else 0.0,
-        trainable_params=int(sum(p.numel() for p in trainable)),
+        images_per_second=st.seen / st.t_train if st.t_train else 0.0,
+        trainable_params=int(sum(p.numel() for p in tr.trainable)),
         device=device,
         config={**asdict(cfg), "lr": cfg.learning_rate},
     )
-
-
-# ---- saving --------------------------------------------------------------------------------
-def export_state_dict(bb: Backbone, model: nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict that `load_backbone(bb.name, weights=FILE)` loads into the same architecture."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    prefix = bb.name.split(":", 1)[0]
-    if prefix == "openclip":  # the checkpoint holds the whole CLIP model; only the image tower changed
-        full = {k: v.detach().cpu() for k, v in bb.extra["clip_model"].state_dict().items()}
-        full.update({"visual." + k: v for k, v in sd.items()})
-        return full
-    if prefix == "offline":  # timm keys, classifier included (the offline loader expects a full model)
-        import timm
-
-        from embedstore.ingest.backbones.checkpoint import read_state_dict
-        from embedstore.ingest.backbones.offline import packaged_weights_path, positional_state_dict
-
-        ref = timm.create_model("efficientnet_lite0", pretrained=False)
-        packaged = positional_state_dict(ref, read_state_dict(packaged_weights_path()))
-        for k, v in packaged.items():
-            sd.setdefault(k, v)
-    return sd
-
-
-# ---- progress ------------------------------------------------------------------------------
-class _progress:
-    """A rich progress bar with loss and images/s; a no-op when disabled."""
-
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.enabled = total, label, enabled
-        self._p = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda *a: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._p = Progress(
-            TextColumn("[bold]fine-tune ({task.fields[method]}) epoch {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}"),
-            TextColumn("[cyan]{task.fields[rate]:.1f} img/s"),
-            TimeElapsedColumn(),
-        )
-        self._p.__enter__()
-        task = self._p.add_task("fine-tune", total=self.total, method=self.label, epoch=1, loss=0.0, rate=0.0)
-
-        def update(n, loss, rate, epoch):
-            self._p.update(task, advance=n, loss=loss, rate=rate, epoch=epoch)
-
-        return update
-
-    def __exit__(self, *exc):
-        if self._p is not None:
-            self._p.__exit__(*exc)
-        return False

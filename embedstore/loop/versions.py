@@ -2,12 +2,12 @@
 
 Versions live in the manifest (`versions`, keyed by the backbone fingerprint; `active_version` picks one).
 A fine-tuned version keeps its weights inside the store (models/<version>.pt, loadable as `--weights`
-into the same backbone name; models/<version>.json holds the training record) and its vectors in the
-table vectors_<version>. Steps, and what a kill at each step leaves:
+into the same backbone name; models/<version>.json holds the training record) and its vectors in its
+own vectors table. Steps, and what a kill at each step leaves:
 
     1. train (no lock held)            nothing written but models/.tmp-*.pt: the previous version is untouched
     2. register the version            manifest entry with status "embedding"; the active version unchanged
-    3. re-embed every image             committed in batches (the `add` pipeline); a rerun of `finetune`
+    3. re-embed every image             committed in batches (the ingest pipeline); a rerun of `finetune`
                                         finds the unfinished version and embeds only what is missing
     4. build its FAISS index           a cache: rebuilt when missing
     5. decide and activate             one atomic manifest write: status "ready", active_version switched
@@ -16,82 +16,61 @@ table vectors_<version>. Steps, and what a kill at each step leaves:
 
 Labels are never touched. `use VERSION` switches back and forth (embedding images added since, if any);
 `prune VERSION` drops an inactive version's vectors, index and weights.
-
-Plateau rule (plateau_rule): from the eval history of the active version (one run per label count, the
-latest run kept when several), the best head's accuracy gained less than `margin` (default 0.01) over the
-last `window` (default 2) label additions: acc[-1] - acc[-1 - window] < margin. Fewer label counts than
-window + 1: no plateau yet. A run with fewer labels than the one before (labels removed) restarts the curve.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
-from contextlib import contextmanager
-from typing import Sequence
+from typing import Callable
 
 import numpy as np
+import torch
 
+from embedstore.clock import now_iso
 from embedstore.errors import EmptyInputError, InvalidArgumentError
+from embedstore.ingest.backbones import load_backbone
+from embedstore.ingest.backbones.base import Backbone
+from embedstore.ingest.ingest import IngestService
+from embedstore.labels.classify import ClassifyService
+from embedstore.labels.heads import HEADS, make_head
+from embedstore.loop.finetune import FinetuneConfig, export_state_dict, train_backbone
+from embedstore.loop.plateau import PLATEAU_MARGIN, PLATEAU_WINDOW, plateau_rule
+from embedstore.results import AddResult, FinetuneResult, PlateauResult, PruneResult, UseResult, VersionRow
+from embedstore.search.search import SearchService
+from embedstore.storage import Storage, vectors_table_name
 
-PLATEAU_MARGIN = 0.01
-PLATEAU_WINDOW = 2
 DECISION_HEADS = ("centroid", "knn", "linear", "propagate")  # heads that need no text tower
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
+class LoopService:
+    """plateau, finetune, versions, use, prune."""
 
-
-def plateau_rule(history: Sequence[dict], margin: float = PLATEAU_MARGIN, window: int = PLATEAU_WINDOW) -> dict:
-    """Apply the plateau rule to eval runs (oldest first; each with n_labels and best_accuracy).
-
-    Returns {plateau, reason, gain, margin, window, points: [{n_labels, accuracy}]}.
-    """
-    if margin < 0 or window < 1:
-        raise InvalidArgumentError(f"plateau rule needs margin >= 0 and window >= 1; got margin={margin}, window={window}")
-    points: list[dict] = []
-    for run in history:
-        acc, n = run.get("best_accuracy"), run.get("n_labels")
-        if acc is None or n is None:
-            continue
-        p = {"n_labels": int(n), "accuracy": float(acc)}
-        if points and p["n_labels"] == points[-1]["n_labels"]:
-            points[-1] = p  # the latest run at this label count
-        elif points and p["n_labels"] < points[-1]["n_labels"]:
-            points = [p]  # labels were removed: the learning curve starts again
-        else:
-            points.append(p)
-    out = {"plateau": False, "gain": None, "margin": margin, "window": window, "points": points}
-    if len(points) < window + 1:
-        out["reason"] = (
-            f"eval runs at {len(points)} label count(s); the rule needs {window + 1}: "
-            "label more images and run `embedstore eval` after each batch"
-        )
-        return out
-    a, b = points[-1 - window], points[-1]
-    gain = b["accuracy"] - a["accuracy"]
-    out["gain"] = round(gain, 4)
-    out["plateau"] = gain < margin
-    verb = "gained only" if out["plateau"] else "gained"
-    out["reason"] = (
-        f"best-head accuracy {verb} {gain:+.3f} ({a['accuracy']:.3f} -> {b['accuracy']:.3f}) over the last "
-        f"{window} label additions ({a['n_labels']} -> {b['n_labels']} labels); margin {margin}"
-    )
-    return out
-
-
-class LoopMixin:
-    """plateau, finetune, versions, use, prune: the fine-tune loop of the Store."""
+    def __init__(
+        self,
+        storage: Storage,
+        backbone_for: Callable[[str], Backbone],
+        device: Callable[[], str],
+        ingest: IngestService,
+        search: SearchService,
+        classify: ClassifyService,
+    ):
+        self.storage = storage
+        self.backbone_for = backbone_for
+        self.device = device
+        self.ingest = ingest
+        self.search = search
+        self.classify = classify
 
     # ---- plateau ------------------------------------------------------------------------
-    def plateau(self, margin: float | None = None, window: int | None = None, version: str | None = None) -> dict:
-        """The plateau rule on the eval history of `version` (default: the active one). See plateau_rule."""
+    def plateau(self, margin: float | None = None, window: int | None = None, version: str | None = None) -> PlateauResult:
+        """The plateau rule on the eval history of `version` (default: the active one). See loop/plateau.py."""
         margin = PLATEAU_MARGIN if margin is None else float(margin)
         window = PLATEAU_WINDOW if window is None else int(window)
-        version = version or self.active_version
-        return {**plateau_rule(self.eval_history(version), margin, window), "version": version}
+        version = version or self.storage.active_version
+        res = plateau_rule(self.classify.eval_history(version), margin, window)
+        res.version = version
+        return res
 
     # ---- fine-tune ----------------------------------------------------------------------
     def finetune(
@@ -104,176 +83,133 @@ class LoopMixin:
         margin: float | None = None,
         window: int | None = None,
         evaluate: bool = False,
-        batch_size: int | None = None,
+        embed_batch_size: int | None = None,
         workers: int | None = None,
         **options,
-    ) -> dict:
+    ) -> FinetuneResult:
         """Fine-tune the active backbone on the human labels; make, embed, index and maybe activate a new version.
 
-        options go to FinetuneConfig (lr, blocks, lora_rank, reg, holdout, patience, image_size, ...).
-        A version left unfinished by a killed run (same parent) is completed instead of training again.
-        Returns dict(status: activated|kept|not-improved|skipped, version, parent, active, message, ...).
-        """
-        from embedstore.loop.finetune import FinetuneConfig
-
+        options go to FinetuneConfig (lr, batch_size (training), blocks, lora_rank, reg, holdout, patience,
+        image_size, ...); embed_batch_size/workers are for re-embedding the store with the new version.
+        A version left unfinished by a killed run (same parent) is completed instead of training again."""
         known = set(FinetuneConfig.__dataclass_fields__)
         bad = sorted(set(options) - known)
         if bad:
             raise InvalidArgumentError(f"unknown fine-tune option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
         cfg = FinetuneConfig(method=method, **({"epochs": int(epochs)} if epochs else {}), **options).check()
-        parent = self.active_version
-        out: dict = {"parent": parent, "method": method}
+        parent = self.storage.active_version
+        base = dict(status="", version=None, parent=parent, active=parent, method=method, message="")
+        plat = None
         if if_plateau:
             plat = self.plateau(margin, window)
-            out["plateau"] = plat
-            if not plat["plateau"]:
-                return {
-                    **out, "status": "skipped", "version": None, "active": parent,
-                    "message": f"no plateau, nothing done: {plat['reason']}",
-                }
-        unfinished = [v for v, e in self.manifest["versions"].items() if e.get("status") == "embedding" and e.get("parent") == parent]
+            if not plat.plateau:
+                return FinetuneResult(**{**base, "status": "skipped", "message": f"no plateau, nothing done: {plat.reason}"},
+                                      plateau=plat)
+        unfinished = [v for v, e in self.storage.versions.items() if e.get("status") == "embedding" and e.get("parent") == parent]
         if unfinished:
-            version, out["resumed"] = unfinished[-1], True
+            version, resumed, record = unfinished[-1], True, None
         else:
             version, record = self._train_version(cfg, progress)
-            out["resumed"] = False
+            resumed = False
             if version is None:
-                return {
-                    **out, "status": "not-improved", "version": None, "active": parent, "train": record,
-                    "message": "fine-tuning never beat the untouched backbone on the held-out labels; no version made",
-                }
-        return {**out, **self._complete_version(version, progress, batch_size, workers, evaluate)}
+                return FinetuneResult(
+                    **{**base, "status": "not-improved",
+                       "message": "fine-tuning never beat the untouched backbone on the held-out labels; no version made"},
+                    plateau=plat, train=record,
+                )
+        res = self._complete_version(version, progress, embed_batch_size, workers, evaluate)
+        res.method, res.resumed, res.plateau = method, resumed, plat
+        return res
 
-    def _train_version(self, cfg, progress: bool) -> tuple[str | None, dict]:
-        import torch
-
-        from embedstore.ingest.backbones import load_backbone
-        from embedstore.loop.finetune import export_state_dict, train_backbone
-
-        parent = self.active_version
-        labels = self.labels()
+    def _train_version(self, cfg: FinetuneConfig, progress: bool) -> tuple[str | None, dict]:
+        """Step 1 and 2: train a copy of the active backbone; save and register it (not active yet)."""
+        st = self.storage
+        parent = st.active_version
+        labels = self.classify.labels.labels()
         if not labels:
             raise EmptyInputError("no labeled images; label a few images per class before fine-tuning")
-        vs = self.vectors(ids=sorted(labels))
+        vs = st.vectors(ids=sorted(labels))
         items = [(int(i), p, labels[int(i)]) for i, p in zip(vs.ids, vs.paths)]
         init = {int(i): x for i, x in zip(vs.ids, vs.vectors)}
-        bb = self._load_version(parent)
-        res = train_backbone(bb, items, init, cfg, device=self.device, progress=progress)
+        info = st.version_info(parent)
+        bb = load_backbone(info["name"], st.weights_file(parent), device=self.device())  # a copy to train
+        res = train_backbone(bb, items, init, cfg, device=self.device(), progress=progress)
         record = {
-            "method": cfg.method,
-            "best_epoch": res.best_epoch,
-            "epochs_run": len(res.history) - 1,
-            "history": res.history,
-            "seconds": round(res.seconds, 2),
-            "images_per_second": round(res.images_per_second, 2),
-            "trainable_params": res.trainable_params,
-            "device": res.device,
-            "n_train": len(res.train_ids),
-            "n_holdout": len(res.holdout_ids),
-            "config": res.config,
+            "method": cfg.method, "best_epoch": res.best_epoch, "epochs_run": len(res.history) - 1, "history": res.history,
+            "seconds": round(res.seconds, 2), "images_per_second": round(res.images_per_second, 2),
+            "trainable_params": res.trainable_params, "device": res.device, "n_train": len(res.train_ids),
+            "n_holdout": len(res.holdout_ids), "config": res.config,
         }
         if res.best_epoch == 0:
             return None, record
-        models = self.root / "models"
-        models.mkdir(exist_ok=True)
-        tmp = models / f".tmp-{os.getpid()}.pt"
+        st.model_path(parent).parent.mkdir(exist_ok=True)
+        tmp = st.model_path(f".tmp-{os.getpid()}")
         torch.save(export_state_dict(bb, res.model), tmp)
-        new = load_backbone(self.version_info(parent)["name"], weights=str(tmp), device="cpu")  # loadable, fingerprint
+        new = load_backbone(info["name"], weights=str(tmp), device="cpu")  # loadable; gives the fingerprint
         version = new.version
-        os.replace(tmp, models / f"{version}.pt")
+        os.replace(tmp, st.model_path(version))
         sidecar = {
-            **record,
-            "parent": parent,
-            "train": {str(i): labels[i] for i in res.train_ids},
-            "holdout": {str(i): labels[i] for i in res.holdout_ids},
+            **record, "parent": parent,
+            "train": {str(i): labels[i] for i in res.train_ids}, "holdout": {str(i): labels[i] for i in res.holdout_ids},
         }
-        (models / f"{version}.json").write_text(json.dumps(sidecar, indent=1))
-        with self.write_lock():
-            self.manifest["versions"][version] = {
-                **new.describe(),
-                "weights": f"models/{version}.pt",  # relative: the store can move
-                "created": _now(),
-                "parent": parent,
-                "status": "embedding",
+        st.model_record_path(version).write_text(json.dumps(sidecar, indent=1))
+        with st.write_lock():
+            st.versions[version] = {
+                **new.describe(), "weights": st.model_weights_entry(version), "created": now_iso("microseconds"),
+                "parent": parent, "status": "embedding",
                 "finetune": {k: record[k] for k in ("method", "best_epoch", "epochs_run", "seconds", "n_train", "n_holdout")},
             }
-            self._write_manifest()
+            st.write_manifest()
         return version, record
 
-    def _complete_version(self, version: str, progress: bool, batch_size, workers, evaluate: bool) -> dict:
-        """Embed what the version lacks, index it, compare it with its parent, activate it when better."""
-        from embedstore.store import AddResult
-
-        entry = self.version_info(version)
-        parent = entry["parent"]
-        res = AddResult()
-        with self.write_lock():
-            pending = self.pending_images(version)
-            self._embed_pending(pending, res, batch_size=batch_size, workers=workers, progress=progress, version=version)
+    def _complete_version(self, version: str, progress: bool, batch_size, workers, evaluate: bool) -> FinetuneResult:
+        """Steps 3-5: embed what the version lacks, index it, compare it with its parent, activate it when better."""
+        st = self.storage
+        parent = st.version_info(version)["parent"]
+        with st.write_lock():
+            pending = self.ingest.pending(version)
+            res = self.ingest.embed_pending(version, pending, batch_size=batch_size, workers=workers, progress=progress)
+            st.compact(vectors_table_name(version))
             try:
-                self.vectors_table(version).optimize()
-            except Exception:  # compaction is an optimisation only
-                pass
-            index = None
-            if hasattr(self, "build_index"):
-                try:
-                    with self._as_active(version):
-                        index = self.build_index(progress=progress)
-                except Exception as e:  # the index is a cache: search rebuilds it when missing
-                    index = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
-        n_vectors = self.vectors_table(version).count_rows()
-        side = json.loads((self.root / "models" / f"{version}.json").read_text())
+                index = self.search.build_index(progress=progress, version=version)
+            except Exception as e:  # the index is a cache: search rebuilds it when missing
+                index = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        side = json.loads(st.model_record_path(version).read_text())
         old = self._holdout_accuracy(parent, side["train"], side["holdout"])
         new = self._holdout_accuracy(version, side["train"], side["holdout"])
-        # better: higher held-out accuracy, or the same accuracy (few held-out images tie often) and a lower log-loss
-        better = new["accuracy"] > old["accuracy"] or (
-            new["accuracy"] == old["accuracy"] and new["log_loss"] < old["log_loss"]
+        activated = self._decide(version, parent, old, new)
+        eval_run = self.classify.evaluate(episodes=5) if evaluate and activated else None
+        return FinetuneResult(
+            status="activated" if activated else "kept", version=version, parent=parent, active=st.active_version,
+            method=side.get("method", ""), message=_verdict(version, parent, old, new, activated), activated=activated,
+            train={k: v for k, v in side.items() if k not in ("train", "holdout")}, reembedded=len(pending),
+            errors=res.errors, vectors=st.count(vectors_table_name(version)), images=st.count("images"),
+            embed_seconds=round(res.embed_seconds, 2), index=index, holdout={"parent": old, "new": new},
+            eval=None if eval_run is None else {"best_head": eval_run.best_head, "best_accuracy": eval_run.best_accuracy},
         )
-        with self.write_lock():
-            e = self.manifest["versions"][version]
+
+    def _decide(self, version: str, parent: str, old: dict, new: dict) -> bool:
+        """Record the held-out check in the manifest; activate `version` when it beats its parent."""
+        st = self.storage
+        # better: higher held-out accuracy, or the same accuracy (few held-out images tie often) and a lower log-loss
+        better = new["accuracy"] > old["accuracy"] or (new["accuracy"] == old["accuracy"] and new["log_loss"] < old["log_loss"])
+        with st.write_lock():
+            e = st.versions[version]
             e["status"] = "ready"
             e["holdout"] = {
                 "accuracy": new["accuracy"], "parent_accuracy": old["accuracy"], "log_loss": new["log_loss"],
                 "parent_log_loss": old["log_loss"], "head": new["head"], "n": new["n"],
             }
-            activated = better and self.active_version == parent
+            activated = better and st.active_version == parent
             if activated:
-                self.manifest["active_version"] = version
-            self._write_manifest()
-        eval_run = None
-        if evaluate and activated:
-            eval_run = self.evaluate(episodes=5)
-        verdict = (
-            f"new version {version} is active: held-out accuracy {old['accuracy']:.3f} -> {new['accuracy']:.3f}, "
-            f"log-loss {old['log_loss']:.3f} -> {new['log_loss']:.3f}"
-            if activated
-            else f"version {version} kept but NOT active: held-out accuracy {new['accuracy']:.3f} (log-loss "
-            f"{new['log_loss']:.3f}) does not beat {old['accuracy']:.3f} ({old['log_loss']:.3f}) of {parent}; "
-            f"switch anyway with `embedstore use STORE {version}`"
-        )
-        return {
-            "status": "activated" if activated else "kept",
-            "version": version,
-            "active": self.active_version,
-            "activated": activated,
-            "reembedded": len(pending),
-            "errors": res.errors,
-            "vectors": n_vectors,
-            "images": self.count_images(),
-            "embed_seconds": round(res.embed_seconds, 2),
-            "index": index,
-            "holdout": {"parent": old, "new": new},
-            "eval": None if eval_run is None else {"best_head": eval_run["best_head"], "best_accuracy": eval_run["best_accuracy"]},
-            "train": {k: v for k, v in side.items() if k not in ("train", "holdout")},
-            "message": verdict,
-        }
+                st.manifest["active_version"] = version
+            st.write_manifest()
+        return activated
 
     def _holdout_accuracy(self, version: str, train: dict, holdout: dict) -> dict:
         """Best-head accuracy on the held-out labels (never trained on), heads fit on the training labels;
         plus the heads' mean log-loss there (a finer measure on the same images, for ties)."""
-        from embedstore.labels.heads import HEADS, make_head
-
-        vs = self.vectors(version, ids=sorted(int(i) for i in {**train, **holdout}))
+        vs = self.storage.vectors(version, ids=sorted(int(i) for i in {**train, **holdout}))
         pos = {int(i): k for k, i in enumerate(vs.ids)}
         tr = [pos[int(i)] for i in train if int(i) in pos]
         ho = [pos[int(i)] for i in holdout if int(i) in pos]
@@ -298,51 +234,24 @@ class LoopMixin:
             "head_log_loss": loss, "n": len(ho),
         }
 
-    @contextmanager
-    def _as_active(self, version: str):
-        """In memory only (never written): lets active-version code (index building) work on `version`.
-
-        Use inside write_lock(), so no nested lock reloads the manifest meanwhile.
-        """
-        old = self.manifest["active_version"]
-        self.manifest["active_version"] = version
-        try:
-            yield
-        finally:
-            self.manifest["active_version"] = old
-
     # ---- versions -----------------------------------------------------------------------
-    def versions(self) -> list[dict]:
-        """Every backbone version, oldest first: {version, active, created, parent, backbone, method, status,
-        vectors, eval_accuracy (latest `eval` run's best-head accuracy, None if never evaluated), eval_n_labels,
-        holdout_accuracy (fine-tuned versions: the activation check)}."""
-        try:
-            hist = self.eval_history("all")
-        except Exception:  # no evals table yet
-            hist = []
+    def versions(self) -> list[VersionRow]:
+        """Every backbone version, oldest first, with its vector count and latest eval accuracy."""
+        hist = self.classify.eval_history("all")
         rows = []
-        for v, e in self.manifest["versions"].items():
-            runs = [r for r in hist if r.get("version") == v and r.get("best_accuracy") is not None]
-            vt = self.vectors_table(v)
-            rows.append(
-                {
-                    "version": v,
-                    "active": v == self.active_version,
-                    "created": e.get("created"),
-                    "parent": e.get("parent"),
-                    "backbone": e.get("name"),
-                    "method": (e.get("finetune") or {}).get("method"),
-                    "status": e.get("status", "ready"),
-                    "vectors": 0 if vt is None else vt.count_rows(),
-                    "eval_accuracy": runs[-1]["best_accuracy"] if runs else None,
-                    "eval_n_labels": runs[-1]["n_labels"] if runs else None,
-                    "holdout_accuracy": (e.get("holdout") or {}).get("accuracy"),
-                }
-            )
-        return sorted(rows, key=lambda r: r["created"] or "")
+        for v, e in self.storage.versions.items():
+            runs = [r for r in hist if r.version == v and r.best_accuracy is not None]
+            rows.append(VersionRow(
+                version=v, active=v == self.storage.active_version, created=e.get("created"), parent=e.get("parent"),
+                backbone=e.get("name"), method=(e.get("finetune") or {}).get("method"), status=e.get("status", "ready"),
+                vectors=self.storage.count(vectors_table_name(v)),
+                eval_accuracy=runs[-1].best_accuracy if runs else None, eval_n_labels=runs[-1].n_labels if runs else None,
+                holdout_accuracy=(e.get("holdout") or {}).get("accuracy"),
+            ))
+        return sorted(rows, key=lambda r: r.created or "")
 
-    def _resolve_version(self, version: str) -> str:
-        vs = self.manifest["versions"]
+    def resolve_version(self, version: str) -> str:
+        vs = self.storage.versions
         if version in vs:
             return version
         hits = [v for v in vs if v.startswith(str(version))] if version else []
@@ -353,50 +262,43 @@ class LoopMixin:
             "(see `embedstore versions STORE`)"
         )
 
-    def use(self, version: str, progress: bool = False) -> dict:
+    def use(self, version: str, progress: bool = False) -> UseResult:
         """Make `version` (a fingerprint or unique prefix) the active one; embeds images it lacks first."""
-        from embedstore.store import AddResult
-
-        with self.write_lock():
-            version = self._resolve_version(version)
-            previous = self.active_version
-            pending = self.pending_images(version)
-            res = AddResult()
+        st = self.storage
+        with st.write_lock():
+            version = self.resolve_version(version)
+            previous = st.active_version
+            pending = self.ingest.pending(version)
             if pending:  # images added while it was inactive (or an unfinished fine-tune)
-                self._embed_pending(pending, res, batch_size=None, workers=None, progress=progress, version=version)
-            self.manifest["versions"][version]["status"] = "ready"
-            self.manifest["active_version"] = version
-            self._write_manifest()
-        return {"version": version, "previous": previous, "embedded": len(pending), "vectors": self.vectors_table(version).count_rows()}
+                self.ingest.embed_pending(version, pending, AddResult(), progress=progress)
+            st.versions[version]["status"] = "ready"
+            st.manifest["active_version"] = version
+            st.write_manifest()
+        return UseResult(version, previous, len(pending), st.count(vectors_table_name(version)))
 
-    def prune(self, version: str) -> dict:
+    def prune(self, version: str) -> PruneResult:
         """Delete an inactive version: its vectors table, index files, weights and manifest entry."""
-        with self.write_lock():
-            version = self._resolve_version(version)
-            if version == self.active_version:
+        st = self.storage
+        with st.write_lock():
+            version = self.resolve_version(version)
+            if version == st.active_version:
                 raise InvalidArgumentError(f"version {version} is active; `use` another version before pruning it")
-            from embedstore.store import vectors_table_name
-
-            name = vectors_table_name(version)
-            if name in self.table_names():
-                self.db.drop_table(name)
+            st.drop_table(vectors_table_name(version))
             removed = []
-            for p in (
-                self.root / "index" / f"{version}.faiss",
-                self.root / "index" / f"{version}.json",
-                self.root / "models" / f"{version}.pt",
-                self.root / "models" / f"{version}.json",
-            ):
+            for p in st.version_files(version):
                 if p.exists():
                     p.unlink()
-                    removed.append(str(p.relative_to(self.root)))
-            del self.manifest["versions"][version]
-            self._write_manifest()
-        return {"pruned": version, "files": removed}
+                    removed.append(str(p.relative_to(st.root)))
+            del st.versions[version]
+            st.write_manifest()
+        self.search.index.forget(version)
+        return PruneResult(version, removed)
 
-    def info_loop(self) -> dict:
-        vs = self.manifest["versions"]
-        return {
-            "finetuned_versions": sum(1 for e in vs.values() if e.get("parent")),
-            "unfinished_versions": [v for v, e in vs.items() if e.get("status") == "embedding"],
-        }
+
+def _verdict(version: str, parent: str, old: dict, new: dict, activated: bool) -> str:
+    if activated:
+        return (f"new version {version} is active: held-out accuracy {old['accuracy']:.3f} -> {new['accuracy']:.3f}, "
+                f"log-loss {old['log_loss']:.3f} -> {new['log_loss']:.3f}")
+    return (f"version {version} kept but NOT active: held-out accuracy {new['accuracy']:.3f} (log-loss "
+            f"{new['log_loss']:.3f}) does not beat {old['accuracy']:.3f} ({old['log_loss']:.3f}) of {parent}; "
+            f"switch anyway with `embedstore use STORE {version}`")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from embedstore.errors import NotSupportedError
+from embedstore.ingest.images import load_image
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,6 @@ class Backbone:
 
     def embed_images(self, images, batch_size: int = 32) -> np.ndarray:
         """PIL images (or paths) -> (N,D) float32, L2-normalised. For small ad-hoc sets (queries)."""
-        from embedstore.ingest.pipeline import load_image
-
         tf = self.transform()
         out = []
         for i in range(0, len(images), batch_size):

@@ -11,9 +11,11 @@ Known names are data (KNOWN_BACKBONES), not code branches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-from embedstore.errors import UnknownBackboneError
+from embedstore.errors import BackboneLoadError, UnknownBackboneError
+from embedstore.ingest.backbones import offline, openclip, timm_backbone
 
 DEFAULT_BACKBONE = "offline:efficientnet_lite0"
 PREFIXES = ("openclip", "timm", "offline")
@@ -88,8 +90,6 @@ def parse_name(name: str) -> BackboneName:
 
 
 def _loaders() -> dict[str, Callable]:
-    from embedstore.ingest.backbones import offline, openclip, timm_backbone
-
     return {"openclip": openclip.load, "timm": timm_backbone.load, "offline": offline.load}
 
 
@@ -97,10 +97,6 @@ def load_backbone(name: str | None = None, weights: str | None = None, device: s
     """Build a Backbone from a registry name (and optionally a local checkpoint file)."""
     parsed = parse_name(name or DEFAULT_BACKBONE)
     if weights is not None:
-        from pathlib import Path
-
-        from embedstore.errors import BackboneLoadError
-
         if not Path(weights).is_file():
             raise BackboneLoadError(f"weights file not found: {weights}; pass an existing checkpoint to --weights")
         weights = str(Path(weights).resolve())

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from embedstore.errors import InvalidArgumentError
 from embedstore.labels.heads.base import HEADS, Head, abstain, cl2n, l2n, load_head
 from embedstore.labels.heads import knn, centroid  # noqa: F401  (registers the heads)
 
@@ -21,8 +22,6 @@ for _mod in ("linear", "zeroshot", "fused", "propagate", "auto"):
 
 def make_head(name: str, **kw) -> Head:
     """A new, unfitted head by name (knn, centroid, linear, zeroshot, fused, propagate, auto)."""
-    from embedstore.errors import InvalidArgumentError
-
     if name not in HEADS:
         raise InvalidArgumentError(f"unknown head '{name}'; choose one of: {', '.join(HEADS)}")
     return HEADS[name](**kw)

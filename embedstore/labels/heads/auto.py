@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from embedstore.labels.heads.base import HEADS, Head, encode_labels, register, restore
+from embedstore.errors import InvalidArgumentError
+from embedstore.labels.heads.base import HEADS, Head, check_vectors, encode_labels, register, restore
 from embedstore.labels.heads.calibrate import fit_temperature, make_folds, nll
 
 # label -> (head name, parameters); CL2N variants are candidates of their own
@@ -60,8 +61,6 @@ class AutoHead(Head):
         if self.text_encoder is not None:
             cat.update(TEXT_CANDIDATES)
         names = self.candidates or list(cat)
-        from embedstore.errors import InvalidArgumentError
-
         unknown = [n for n in names if n not in cat]
         if unknown:
             raise InvalidArgumentError(f"unknown auto candidates {unknown}; choose from {list(cat)}")
@@ -136,8 +135,6 @@ class AutoHead(Head):
         return np.mean([log_softmax(m.logits(X) / m.temperature) for m in self.members], 0).astype(np.float32)
 
     def _prep(self, X):  # members prepare their own input
-        from embedstore.labels.heads.base import check_vectors
-
         return check_vectors(X)
 
     def add_class(self, X, name):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from embedstore.labels.heads.base import encode_labels
+from embedstore.labels.heads.vectors import encode_labels
 
 
 def nll(logits: np.ndarray, y: np.ndarray, T: float = 1.0) -> float:

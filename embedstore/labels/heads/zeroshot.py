@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from embedstore.errors import NotSupportedError
 from embedstore.labels.heads.base import Head, encode_labels, l2n, register
 
 # CLIP's 7-template ensemble for ImageNet ("Prompt_Engineering_for_ImageNet.ipynb") + the plain prompt
@@ -36,8 +37,6 @@ def readable(name: str) -> str:
 
 def text_prototypes(text_encoder: Callable, names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     """(C, D) one normalised prompt-ensemble embedding per class name."""
-    from embedstore.errors import NotSupportedError
-
     if text_encoder is None:
         raise NotSupportedError("zero-shot needs a text tower: use an open_clip backbone (e.g. openclip:ViT-B-32/...)")
     prompts = [t.format(readable(n)) for n in names for t in templates]

@@ -1,0 +1,229 @@
+"""Ingest: add / remove images, embed what a version lacks, the errors table.
+
+`add` first records new images (content-hash dedup; ids reserved in the manifest before any row is
+written), then embeds every image that has no vector in the active version, committing in batches of
+COMMIT_EVERY: a killed run, started again, continues where it stopped and embeds nothing twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from embedstore.clock import now
+from embedstore.errors import EmptyInputError, NoImagesAddedError
+from embedstore.ingest.backbones.base import Backbone
+from embedstore.ingest.pipeline import EmbedStats, embed_items, list_image_files
+from embedstore.progress import progress_bar, progress_iter
+from embedstore.results import AddResult, ImageError
+from embedstore.storage import Storage, content_hash, id_in, sql_str, vectors_table_name
+
+COMMIT_EVERY = 256  # images per vector commit: a kill loses at most this much work
+
+
+class IngestService:
+    """Adds and removes images; embeds pending images of any version with `backbone_for(version)`."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        backbone_for: Callable[[str], Backbone],
+        device: Callable[[], str],
+        on_vectors_changed: Callable[[str], None] = lambda version: None,
+    ):
+        self.storage = storage
+        self.backbone_for = backbone_for
+        self.device = device
+        self.on_vectors_changed = on_vectors_changed  # the index follows the vectors table
+
+    # ---- add ------------------------------------------------------------------------------------
+    def add(
+        self,
+        paths: Iterable[str | os.PathLike],
+        *,
+        batch_size: int | None = None,
+        workers: int | None = None,
+        progress: bool = True,
+        gpu_decode: bool = False,
+    ) -> AddResult:
+        """Add image files/folders: dedup by content hash, embed new images, commit in batches."""
+        t0 = time.perf_counter()
+        paths = list(paths)
+        if not paths:
+            raise EmptyInputError("no paths given; pass image files or folders to add")
+        files, missing = list_image_files(paths)
+        if not files:
+            what = ", ".join(missing[:3]) if missing else ", ".join(map(str, paths[:3]))
+            raise EmptyInputError(f"no image files found in {what}; pass image files or folders holding them")
+        res = AddResult(missing_paths=missing)
+        st = self.storage
+        with st.write_lock():
+            new_ids = self._record_images(files, res, progress)
+            pending = self.pending(st.active_version)
+            res.resumed = len([i for i, _ in pending if i not in new_ids])
+            self.embed_pending(st.active_version, pending, res, batch_size=batch_size, workers=workers,
+                               progress=progress, gpu_decode=gpu_decode)
+            res.added = len(new_ids) - len([e for e in res.error_list if e.id in new_ids])
+            if res.added + res.resumed > 0:
+                self._vectors_changed()
+        res.seconds = time.perf_counter() - t0
+        if res.added == 0 and res.resumed == 0 and res.errors and not res.skipped_duplicates + res.skipped_known_errors:
+            first = res.error_list[0]
+            raise NoImagesAddedError(
+                f"none of the {res.errors} file(s) could be read as images (first: {first.path}: {first.error}); "
+                "see `embedstore info --json` for the errors table"
+            )
+        return res
+
+    def _record_images(self, files: list[str], res: AddResult, progress: bool) -> set[int]:
+        """Insert rows for new content; same bytes already present (any path) are skipped."""
+        st = self.storage
+        by_path, by_hash = st.image_index()
+        errs = st.read_table("errors", ["path", "hash"])
+        bad = set(zip(errs.column("path").to_pylist(), errs.column("hash").to_pylist())) if errs is not None else set()
+        known_hashes = set(by_hash)
+        rows, replaced = [], []
+        for path in progress_iter(files, "hashing", progress):
+            try:
+                h, size = content_hash(path), os.path.getsize(path)
+            except OSError as e:
+                self._record_error(path, f"{type(e).__name__}: {e}", None)
+                res.errors += 1
+                res.error_list.append(ImageError(path=path, error=str(e)))
+                continue
+            if h in known_hashes:
+                res.skipped_duplicates += 1
+                continue
+            if (path, h) in bad:  # failed before with these very bytes: not retried
+                res.skipped_known_errors += 1
+                continue
+            if path in by_path:  # same path, new bytes: the old image is replaced
+                replaced.append(by_path[path])
+            known_hashes.add(h)
+            rows.append({"path": path, "hash": h, "size": size, "added": now()})
+        if replaced:
+            st.delete_ids_everywhere(replaced)
+            res.replaced = len(replaced)
+        if not rows:
+            return set()
+        start = st.reserve_ids(len(rows))  # a kill after this never reuses the ids
+        for i, r in enumerate(rows):
+            r["id"] = start + i
+        for i in range(0, len(rows), 5000):
+            st.add_rows("images", rows[i : i + 5000])
+        return {r["id"] for r in rows}
+
+    # ---- embedding ------------------------------------------------------------------------------
+    def pending(self, version: str) -> list[tuple[int, str]]:
+        """Images with no vector in `version`, in id order."""
+        imgs = self.storage.read_table("images", ["id", "path"])
+        if imgs is None or imgs.num_rows == 0:
+            return []
+        have = set(self.storage.vector_ids(version).tolist())
+        pairs = sorted(zip(imgs.column("id").to_pylist(), imgs.column("path").to_pylist()))
+        return [(i, p) for i, p in pairs if i not in have]
+
+    def embed_pending(
+        self,
+        version: str,
+        pending: Sequence[tuple[int, str]] | None = None,
+        res: AddResult | None = None,
+        *,
+        batch_size: int | None = None,
+        workers: int | None = None,
+        progress: bool = False,
+        gpu_decode: bool = False,
+    ) -> AddResult:
+        """Embed `pending` (default: everything `version` lacks) into `version`'s table; call under the lock.
+
+        Unreadable files are recorded in the errors table; an image that never got a vector in any
+        version is removed again (it was not really added)."""
+        res = res if res is not None else AddResult()
+        pending = self.pending(version) if pending is None else list(pending)
+        if not pending:
+            return res
+        st = self.storage
+        bb = self.backbone_for(version)
+        device = self.device()
+        stats = EmbedStats()
+        buf_ids: list[np.ndarray] = []
+        buf_vecs: list[np.ndarray] = []
+
+        def flush():
+            if buf_ids:
+                st.add_vectors(version, np.concatenate(buf_ids), np.concatenate(buf_vecs))
+                buf_ids.clear()
+                buf_vecs.clear()
+
+        paths = dict(pending)  # for error rows
+        with progress_bar(len(pending), f"embedding ({device})", progress) as advance:
+            buffered = 0
+            for ids, vecs, bad in embed_items(
+                bb, pending, device=device, batch_size=batch_size, workers=workers, progress=advance, stats=stats,
+                gpu_decode=gpu_decode,
+            ):
+                if len(ids):
+                    buf_ids.append(ids)
+                    buf_vecs.append(vecs)
+                    buffered += len(ids)
+                if bad:
+                    flush()
+                    buffered = 0
+                    self._failed(version, bad, paths, res)
+                if buffered >= COMMIT_EVERY:
+                    flush()
+                    buffered = 0
+            flush()
+        res.embed_seconds = stats.seconds
+        res.batch_size, res.device = stats.batch_size, stats.device
+        return res
+
+    def _failed(self, version: str, bad: list[tuple[int, str]], paths: dict[int, str], res: AddResult) -> None:
+        """Record unreadable images; drop those that have no vector anywhere (their labels go with them)."""
+        st = self.storage
+        ids = [i for i, _ in bad]
+        hashes = st.hashes_for(ids)
+        for id_, err in bad:
+            self._record_error(paths[id_], err, hashes.get(id_))
+            res.error_list.append(ImageError(path=paths[id_], error=err, id=id_))
+        res.errors += len(bad)
+        if version == st.active_version and not self._has_other_vectors(ids, version):
+            st.delete_ids_everywhere(ids)  # never embedded: the image was not really added
+
+    def _has_other_vectors(self, ids: Sequence[int], version: str) -> bool:
+        """Whether any of `ids` has a vector in another version (then its labels must survive a bad re-read)."""
+        return any(self.storage.count(vectors_table_name(v), id_in(ids)) for v in self.storage.versions if v != version)
+
+    def _record_error(self, path: str, error: str, hash_: str | None) -> None:
+        t = self.storage.table("errors", create=True)
+        t.delete(f"path = {sql_str(path)}")
+        self.storage.add_rows("errors", [{"path": path, "hash": hash_, "error": error, "time": now()}])
+
+    def _vectors_changed(self) -> None:
+        st = self.storage
+        st.compact(vectors_table_name(st.active_version))
+        st.compact("images")
+        self.on_vectors_changed(st.active_version)
+
+    # ---- remove / errors ------------------------------------------------------------------------
+    def remove(self, ids: Sequence[int] = (), paths: Sequence[str] = ()) -> int:
+        """Remove images (their vectors in every version, labels, predictions) by id or path."""
+        st = self.storage
+        ids = [int(i) for i in ids]
+        if paths:
+            by_path, _ = st.image_index()
+            ids += [by_path[p] for p in (str(Path(p).expanduser().resolve()) for p in paths) if p in by_path]
+        if not ids:
+            return 0
+        with st.write_lock():
+            n = st.delete_ids_everywhere(ids)
+            self._vectors_changed()
+        return n
+
+    def errors(self) -> list[ImageError]:
+        t = self.storage.read_table("errors")
+        return [] if t is None else [ImageError(path=r["path"], error=r["error"], time=str(r["time"])) for r in t.to_pylist()]

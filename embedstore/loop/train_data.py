@@ -1,0 +1,140 @@
+"""Fine-tuning data: the stratified hold-out split, image loaders with augmentation, where batches run
+(device, autocast), and the two batch sources: whole images every epoch, or cached outputs of the frozen
+prefix."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def split_holdout(ids: Sequence[int], y: Sequence[str], frac: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Stratified split: round(frac * n) of each class held out, at least 1 when the class has 2+ images."""
+    rng = np.random.default_rng(seed)
+    train, hold = [], []
+    by_class: dict[str, list[int]] = {}
+    for i, c in zip(ids, y):
+        by_class.setdefault(c, []).append(int(i))
+    for c in sorted(by_class):
+        members = sorted(by_class[c])
+        rng.shuffle(members)
+        k = max(1, int(round(frac * len(members)))) if len(members) >= 2 else 0
+        hold += members[:k]
+        train += members[k:]
+    return sorted(train), sorted(hold)
+
+
+# ---- images --------------------------------------------------------------------------------
+class _LabeledImages(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[tuple[str, int]], transform: Callable, pre):
+        self.items, self.tf, self.pre = list(items), transform, pre
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from embedstore.ingest.pipeline import load_image
+
+        path, y = self.items[i]
+        return self.tf(load_image(path, self.pre)), y
+
+
+def image_transforms(pre, size: int, crop_scale: tuple[float, float], flip: bool):
+    """(train, eval) transforms: RandomResizedCrop (+ flip) for training, resize + center crop for eval."""
+    from torchvision import transforms as T
+
+    interp = T.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    train = [T.RandomResizedCrop(size, scale=crop_scale, interpolation=interp)]
+    if flip:
+        train.append(T.RandomHorizontalFlip())
+    norm = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    evaluate = [T.Resize(int(math.floor(size / pre.crop_pct)), interpolation=interp), T.CenterCrop(size)]
+    return T.Compose(train + norm), T.Compose(evaluate + norm)
+
+
+def image_loader(items, tf, pre, batch_size: int, shuffle: bool, device: str, seed: int):
+    """A DataLoader over (path, class index) items; worker processes only on CUDA with enough images."""
+    from embedstore.ingest.pipeline import _mp_context, _worker_init
+
+    cuda = device.startswith("cuda")
+    workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda and len(items) > 4 * batch_size else 0
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        _LabeledImages(items, tf, pre),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=g,
+        num_workers=workers,
+        pin_memory=cuda,
+        worker_init_fn=_worker_init if workers else None,
+        persistent_workers=bool(workers),
+        multiprocessing_context=_mp_context() if workers else None,  # LanceDB is not fork-safe
+    )
+
+
+# ---- where batches run ---------------------------------------------------------------------
+class DeviceRun:
+    """The training device: channels_last placement, and bf16/fp16 autocast on CUDA."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if self.cuda else None
+
+    def to_dev(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=self.cuda).contiguous(memory_format=torch.channels_last)
+
+    def forward(self, fn: Callable, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.cuda):
+            return fn(x)
+
+
+# ---- batch sources -------------------------------------------------------------------------
+class StreamedBatches:
+    """Augmented images through the whole network every epoch; `fwd` is the network."""
+
+    def __init__(self, net: nn.Module, train_loader, hold_loader, dev: DeviceRun):
+        self.fwd, self.train_loader, self.hold_loader, self.dev = net, train_loader, hold_loader, dev
+
+    def train(self, epoch: int) -> Iterator[Batch]:
+        return ((self.dev.to_dev(x), y) for x, y in self.train_loader)
+
+    def hold(self) -> Iterator[Batch]:
+        return ((self.dev.to_dev(x), y) for x, y in self.hold_loader)
+
+
+class CachedBatches:
+    """The frozen prefix's outputs, computed once for `views` augmented passes over the training images
+    (and once for the held-out ones); epoch e trains the tail (`fwd`) on view (e - 1) % views."""
+
+    def __init__(
+        self, prefix: Callable, tail: nn.Module, plain_loader, hold_loader, y_train, y_hold, views: int, batch_size: int,
+        dev: DeviceRun,
+    ):
+        self.fwd, self.ytr, self.yhold, self.views, self.bs, self.dev = tail, y_train, y_hold, views, batch_size, dev
+        self.prefix = prefix
+        self.cache = [self._encode(plain_loader) for _ in range(views)]
+        self.hold_cache = self._encode(hold_loader)
+
+    @torch.no_grad()
+    def _encode(self, loader) -> torch.Tensor:
+        dt = torch.float16 if self.dev.cuda else torch.float32
+        return torch.cat([self.dev.forward(self.prefix, self.dev.to_dev(x)).to(dt) for x, _ in loader])
+
+    def train(self, epoch: int) -> Iterator[Batch]:
+        feats = self.cache[(epoch - 1) % self.views]
+        perm = torch.randperm(len(self.ytr))
+        for i in range(0, len(perm), self.bs):
+            idx = perm[i : i + self.bs]
+            yield feats[idx.to(feats.device)].float(), self.ytr[idx]
+
+    def hold(self) -> Iterator[Batch]:
+        for i in range(0, len(self.yhold), self.bs):
+            yield self.hold_cache[i : i + self.bs].float(), self.yhold[i : i + self.bs]

@@ -1,0 +1,437 @@
+"""The storage core: the only code that knows a store's directory.
+
+    STORE/
+      manifest.json         schema version, versions (backbone name, weights, fingerprint, dim, preprocess), active
+      lance/                LanceDB tables (schemas below): images, vectors_<version> (one per backbone
+                            version), errors, labels, predictions, evals
+      index/<version>.faiss FAISS index files and their JSON sidecars: caches, always rebuildable from lance/
+      models/<version>.pt   fine-tuned weights (new backbone versions) and <version>.json training records
+      .lock                 write lock (fcntl), held by the one process writing
+
+Every vector row lives in the table of the backbone version it was made with, so vectors of two models
+are never mixed. Stage services (ingest, search, labels, loop) receive a `Storage` and use its table
+helpers; none of them builds a path, a table name or an `id IN (...)` filter itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from embedstore.errors import StoreLockedError, StoreNotFoundError
+from embedstore.results import VectorSet
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+CHUNK = 2000  # ids per `id IN (...)` filter
+TS = pa.timestamp("us", tz="UTC")
+
+IMAGES_SCHEMA = pa.schema(
+    [("id", pa.int64()), ("path", pa.string()), ("hash", pa.string()), ("size", pa.int64()), ("added", TS)]
+)
+ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("hash", pa.string()), ("error", pa.string()), ("time", TS)])
+LABELS_SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.string()), ("source", pa.string()), ("time", TS)])
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("label", pa.string()),
+        ("confidence", pa.float32()),
+        ("head", pa.string()),
+        ("version", pa.string()),
+        ("time", TS),
+    ]
+)
+EVALS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("time", TS),
+        ("version", pa.string()),
+        ("n_labels", pa.int64()),
+        ("n_classes", pa.int64()),
+        ("best_head", pa.string()),
+        ("best_accuracy", pa.float64()),
+        ("results", pa.string()),
+    ]
+)
+SCHEMAS = {
+    "images": IMAGES_SCHEMA,
+    "errors": ERRORS_SCHEMA,
+    "labels": LABELS_SCHEMA,
+    "predictions": PREDICTIONS_SCHEMA,
+    "evals": EVALS_SCHEMA,
+}
+
+
+def vectors_schema(dim: int) -> pa.Schema:
+    return pa.schema([("id", pa.int64()), ("vector", pa.list_(pa.float32(), dim))])
+
+
+def vectors_table_name(version: str) -> str:
+    return f"vectors_{version}"
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+def content_hash(path: str | os.PathLike) -> str:
+    """blake2b-160 of a file's bytes: the identity of an image's content (dedup, label survival)."""
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bytes_hash(data: bytes) -> str:
+    """The same hash as content_hash, of bytes already read (read once: hash what is decoded)."""
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def sql_str(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def id_in(ids: Iterable[int]) -> str:
+    """A LanceDB filter selecting the given image ids."""
+    return f"id IN ({', '.join(str(int(i)) for i in ids)})"
+
+
+def chunks(seq: Sequence, n: int = CHUNK) -> Iterator[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def fixed_list(vecs: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) float32 -> the Arrow column type of a vectors table."""
+    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
+
+
+def to_matrix(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """A vectors column -> (N, D) float32."""
+    if len(col) == 0:
+        return np.zeros((0, dim), np.float32)
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return np.ascontiguousarray(arr.values.to_numpy(zero_copy_only=False).reshape(-1, dim), dtype=np.float32)
+
+
+class Storage:
+    """One store directory: manifest + write lock, LanceDB tables, index and model file names."""
+
+    def __init__(self, root: Path, manifest: dict, lock_timeout: float = 30.0):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.lock_timeout = lock_timeout
+        self.db = lancedb.connect(str(self.root / "lance"))
+        self._lock_depth = 0
+
+    # ---- opening ----------------------------------------------------------------------------
+    @classmethod
+    def exists(cls, root: Path) -> bool:
+        return (Path(root) / MANIFEST).is_file()
+
+    @staticmethod
+    def check_free(root: Path) -> None:
+        """Raise unless `root` can become a new store (missing, or an empty directory)."""
+        root = Path(root)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise StoreNotFoundError(
+                f"{root} exists but is not an embedstore store (no {MANIFEST}); pick a new or empty directory"
+            )
+
+    @classmethod
+    def load(cls, root: Path, lock_timeout: float = 30.0) -> "Storage":
+        root = Path(root)
+        if not cls.exists(root):
+            raise StoreNotFoundError(f"no store at {root}; create one with: embedstore add {root} IMAGES...")
+        return cls(root, json.loads((root / MANIFEST).read_text()), lock_timeout)
+
+    @classmethod
+    def create(cls, root: Path, first_version: dict, version: str, lock_timeout: float = 30.0) -> "Storage":
+        """A new store directory whose one backbone version (`first_version`, describe()'d) is active."""
+        from embedstore.clock import now_iso
+
+        root = Path(root)
+        cls.check_free(root)
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "created": now_iso("microseconds"),
+            "active_version": version,
+            "next_id": 0,
+            "versions": {version: {**first_version, "created": now_iso("microseconds"), "parent": None}},
+        }
+        storage = cls(root, manifest, lock_timeout)
+        with storage.write_lock():
+            storage.write_manifest()
+        return storage
+
+    # ---- manifest & versions ------------------------------------------------------------------
+    @property
+    def active_version(self) -> str:
+        return self.manifest["active_version"]
+
+    @property
+    def versions(self) -> dict[str, dict]:
+        return self.manifest["versions"]
+
+    def version_info(self, version: str | None = None) -> dict:
+        return self.manifest["versions"][version or self.active_version]
+
+    def write_manifest(self) -> None:
+        """Atomic replace (temp file + rename); call under the write lock."""
+        tmp = self.root / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=2))
+        os.replace(tmp, self.root / MANIFEST)
+
+    def reload_manifest(self) -> None:
+        self.manifest = json.loads((self.root / MANIFEST).read_text())
+
+    def reserve_ids(self, n: int) -> int:
+        """Reserve n new image ids (written to the manifest first: a kill never reuses them); returns the first."""
+        start = int(self.manifest.get("next_id", 0))
+        self.manifest["next_id"] = start + n
+        self.write_manifest()
+        return start
+
+    # ---- locking ----------------------------------------------------------------------------
+    @property
+    def locked(self) -> bool:
+        """Whether this process holds the write lock now."""
+        return self._lock_depth > 0
+
+    @contextmanager
+    def write_lock(self, timeout: float | None = None):
+        """Exclusive write lock across processes (re-entrant); waits up to `timeout` s, then StoreLockedError.
+
+        Taking it re-reads the manifest, so a writer always starts from the latest committed state."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        timeout = self.lock_timeout if timeout is None else timeout
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    os.close(fd)
+                    raise StoreLockedError(
+                        f"store {self.root} is being written by another process (pid {holder}); "
+                        "wait for it to finish, or stop it, then retry"
+                    ) from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_depth = 1
+        try:
+            if self.exists(self.root):
+                self.reload_manifest()
+            yield
+        finally:
+            self._lock_depth = 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    # ---- tables -----------------------------------------------------------------------------
+    def table_names(self) -> list[str]:
+        res = self.db.list_tables()
+        return list(getattr(res, "tables", res))
+
+    def table(self, name: str, create: bool = False):
+        """Open a LanceDB table; None when missing, unless create=True (then made empty with its schema)."""
+        if name in self.table_names():
+            return self.db.open_table(name)
+        if not create:
+            return None
+        return self.db.create_table(name, schema=self._schema(name), exist_ok=True)
+
+    def _schema(self, name: str) -> pa.Schema:
+        if name in SCHEMAS:
+            return SCHEMAS[name]
+        for v, info in self.versions.items():
+            if name == vectors_table_name(v):
+                return vectors_schema(info["dim"])
+        raise KeyError(f"no schema for table {name!r}")
+
+    def drop_table(self, name: str) -> None:
+        if name in self.table_names():
+            self.db.drop_table(name)
+
+    def read_table(self, name: str, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table | None:
+        """A whole table, or some columns / rows of it; None when the table does not exist."""
+        t = self.table(name)
+        if t is None:
+            return None
+        if where is None and columns is None:
+            return t.to_arrow()
+        q = t.search()
+        if where:
+            q = q.where(where)
+        if columns:
+            q = q.select(list(columns))
+        return q.limit(None).to_arrow()
+
+    def read_ids(self, name: str, ids: Sequence[int], columns: Sequence[str] | None = None) -> pa.Table | None:
+        """Rows of `name` whose id is in `ids`, read in chunks."""
+        t = self.table(name)
+        if t is None:
+            return None
+        ids = sorted({int(i) for i in ids})
+        parts = [self.read_table(name, columns, where=id_in(c)) for c in chunks(ids)]
+        return pa.concat_tables(parts) if parts else (t.schema.empty_table() if columns is None else
+                                                       t.schema.empty_table().select(list(columns)))
+
+    def count(self, name: str, where: str | None = None) -> int:
+        t = self.table(name)
+        return 0 if t is None else t.count_rows(where)
+
+    def delete_ids(self, name: str, ids: Sequence[int]) -> None:
+        t = self.table(name)
+        if t is not None:
+            for c in chunks(sorted({int(i) for i in ids})):
+                t.delete(id_in(c))
+
+    def delete_ids_everywhere(self, ids: Sequence[int]) -> int:
+        """Delete the images `ids` from every table that has an id column; returns images removed."""
+        before = self.count("images")
+        for name in self.table_names():
+            t = self.db.open_table(name)
+            if "id" in t.schema.names:
+                for c in chunks(sorted({int(i) for i in ids})):
+                    t.delete(id_in(c))
+        return before - self.count("images")
+
+    def add_rows(self, name: str, rows: list[dict] | pa.Table) -> None:
+        t = self.table(name, create=True)
+        data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=self._schema(name))
+        if data.num_rows:
+            t.add(data)
+
+    def compact(self, name: str, cleanup_older_than=None) -> None:
+        """Merge small commits (an optimisation only: failures are ignored)."""
+        t = self.table(name)
+        if t is None:
+            return
+        try:
+            t.optimize(cleanup_older_than=cleanup_older_than) if cleanup_older_than else t.optimize()
+        except Exception:
+            pass
+
+    def table_version(self, name: str) -> int | None:
+        """The LanceDB version of a table (None when it does not exist): a cache key for derived data."""
+        t = self.table(name)
+        return None if t is None else t.version
+
+    def data_versions(self) -> dict[str, int | None]:
+        """Table versions of the active vectors, labels and predictions: what UI caches key on."""
+        return {
+            "version": self.active_version,
+            "vectors": self.table_version(vectors_table_name(self.active_version)),
+            "labels": self.table_version("labels"),
+            "predictions": self.table_version("predictions"),
+            "images": self.table_version("images"),
+        }
+
+    def table_stamp(self, name: str) -> tuple | None:
+        """(inode, mtime) of a table's commit directory (every LanceDB commit adds a file there): a check
+        cheaper than opening the table. None when missing or changed in the last 2 seconds, so coarse
+        file-system clocks cannot hide a commit."""
+        try:
+            s = os.stat(self.root / "lance" / f"{name}.lance" / "_versions")
+        except OSError:
+            return None
+        if time.time_ns() - s.st_mtime_ns < 2_000_000_000:
+            return None
+        return (s.st_ino, s.st_mtime_ns)
+
+    # ---- images ------------------------------------------------------------------------------
+    def paths_for(self, ids: Sequence[int]) -> dict[int, str]:
+        """{id: path} of the given image ids (those in the store)."""
+        t = self.read_ids("images", ids, ["id", "path"])
+        return {} if t is None else dict(zip(t.column("id").to_pylist(), t.column("path").to_pylist()))
+
+    def hashes_for(self, ids: Sequence[int]) -> dict[int, str]:
+        t = self.read_ids("images", ids, ["id", "hash"])
+        return {} if t is None else dict(zip(t.column("id").to_pylist(), t.column("hash").to_pylist()))
+
+    def image_index(self) -> tuple[dict[str, int], dict[str, int]]:
+        """({path: id}, {hash: id}) over every image."""
+        t = self.read_table("images", ["id", "path", "hash"])
+        if t is None:
+            return {}, {}
+        ids = t.column("id").to_pylist()
+        return dict(zip(t.column("path").to_pylist(), ids)), dict(zip(t.column("hash").to_pylist(), ids))
+
+    # ---- vectors -----------------------------------------------------------------------------
+    def vectors_table(self, version: str | None = None, create: bool = False):
+        return self.table(vectors_table_name(version or self.active_version), create=create)
+
+    def vector_ids(self, version: str | None = None) -> np.ndarray:
+        """Sorted ids that have a vector in `version`."""
+        vt = self.vectors_table(version)
+        if vt is None:
+            return np.zeros(0, np.int64)
+        return np.sort(vt.search().select(["id"]).limit(None).to_arrow().column("id").to_numpy().astype(np.int64))
+
+    def read_vectors(self, version: str | None = None, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, (N, D) float32) of `version` (all, or the given ids that have one), in table order."""
+        version = version or self.active_version
+        dim = self.version_info(version)["dim"]
+        vt = self.vectors_table(version)
+        if vt is None or (ids is not None and len(ids) == 0):
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        t = vt.to_arrow() if ids is None else self.read_ids(vectors_table_name(version), ids, ["id", "vector"])
+        return t.column("id").to_numpy().astype(np.int64), to_matrix(t.column("vector"), dim)
+
+    def vectors(self, version: str | None = None, ids: Sequence[int] | None = None) -> VectorSet:
+        """ids, paths and an (N, D) float32 array of `version` (default: active), in id order."""
+        version = version or self.active_version
+        vid, X = self.read_vectors(version, ids)
+        order = np.argsort(vid, kind="stable")
+        vid, X = vid[order], X[order]
+        lookup = self.paths_for(vid)
+        return VectorSet(vid, [lookup.get(int(i), "") for i in vid], X, version)
+
+    def add_vectors(self, version: str, ids: np.ndarray, vecs: np.ndarray) -> None:
+        self.vectors_table(version, create=True).add(pa.table({"id": np.asarray(ids, np.int64), "vector": fixed_list(vecs)}))
+
+    # ---- files beside the tables ---------------------------------------------------------------
+    def index_path(self, version: str | None = None) -> Path:
+        return self.root / "index" / f"{version or self.active_version}.faiss"
+
+    def model_path(self, version: str) -> Path:
+        return self.root / "models" / f"{version}.pt"
+
+    def model_record_path(self, version: str) -> Path:
+        return self.root / "models" / f"{version}.json"
+
+    def model_weights_entry(self, version: str) -> str:
+        """How the manifest names a fine-tuned version's weights: relative, so the store can move."""
+        return str(self.model_path(version).relative_to(self.root))
+
+    def weights_file(self, version: str | None = None) -> str | None:
+        """A version's weights file; relative paths (fine-tuned versions, STORE/models/) are inside the store."""
+        w = self.version_info(version).get("weights")
+        return str(self.root / w) if w and not os.path.isabs(w) else w
+
+    def version_files(self, version: str) -> list[Path]:
+        """Every file that belongs to one version outside LanceDB (index, sidecar, weights, record)."""
+        idx = self.index_path(version)
+        return [idx, idx.with_suffix(".json"), self.model_path(version), self.model_record_path(version)]
