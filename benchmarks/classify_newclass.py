@@ -113,11 +113,11 @@ def main() -> None:
             _, t_read = timed(lambda: store.vectors())
             for name in heads:
                 res, t_cls = timed(lambda: store.classify(head=name))
-                got = {p["id"]: p["label"] for p in res["predictions"]}
+                got = {p.id: p.label for p in res.predictions}
                 acc = float(np.mean([got[int(i)] == "new" for i in test_new]))
                 store_rows.append({
-                    "head": name if res["chosen"] == name else f"{name} ({res['chosen']})", "label_new_class_s": round(t_label, 3), "read_vectors_s": round(t_read, 3),
-                    "classify_s": round(t_cls, 3), "predictions": len(res["predictions"]), "new_class_acc": round(acc, 4),
+                    "head": name if res.chosen == name else f"{name} ({res.chosen})", "label_new_class_s": round(t_label, 3), "read_vectors_s": round(t_read, 3),
+                    "classify_s": round(t_cls, 3), "predictions": len(res.predictions), "new_class_acc": round(acc, 4),
                 })
 
     print(f"classify after a new class: N={args.n} x {args.dim}, {args.classes} old classes + 1 new, "

@@ -82,8 +82,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         r = st.finetune(method=args.method, epochs=args.epochs, progress=False)
         wall = time.perf_counter() - t
-        after = unlabeled_accuracy(st, r["version"], labels, truth) if r.get("version") else before
-        tr = r.get("train") or {}
+        after = unlabeled_accuracy(st, r.version, labels, truth) if r.version else before
+        tr = r.train or {}
         rows.append(
             {
                 "shots": shots,
@@ -94,13 +94,13 @@ def main(argv=None) -> int:
                 "gain": round(after["accuracy"] - before["accuracy"], 4),
                 "head_before": before["head"],
                 "head_after": after["head"],
-                "status": r["status"],
-                "holdout_before": (r.get("holdout") or {}).get("parent", {}).get("accuracy"),
-                "holdout_after": (r.get("holdout") or {}).get("new", {}).get("accuracy"),
+                "status": r.status,
+                "holdout_before": (r.holdout or {}).get("parent", {}).get("accuracy"),
+                "holdout_after": (r.holdout or {}).get("new", {}).get("accuracy"),
                 "epochs_run": tr.get("epochs_run"),
                 "train_s": tr.get("seconds"),
                 "train_img_s": tr.get("images_per_second"),
-                "embed_s": r.get("embed_seconds"),
+                "embed_s": r.embed_seconds,
                 "wall_s": round(wall, 2),
                 "device": tr.get("device"),
             }

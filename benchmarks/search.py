@@ -86,9 +86,9 @@ def main() -> None:
     built = store.build_index(factory=args.factory, gpu=False, progress=True)
     t_build = time.perf_counter() - t0
     rss1 = proc.memory_info().rss
-    index_bytes = os.path.getsize(built["path"])
+    index_bytes = os.path.getsize(built.path)
 
-    raw = store._index_state().index  # the very index object search_vectors uses
+    raw = store.index.state(store.active_version).index  # the very index object search_vectors uses
     k = 10
     _, ids = store.search_vectors(Q[: args.truth], k)
     recall = fx.recall_at_k(ids, truth, k)
@@ -103,11 +103,11 @@ def main() -> None:
         "dim": args.dim,
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
-        "factory": built["factory"],
-        "params": built["params"],
-        "tuned_recall_at_10": built["recall_at_10"],
+        "factory": built.factory,
+        "params": built.params,
+        "tuned_recall_at_10": built.recall_at_10,
         "build_seconds": round(t_build, 2),
-        "build_parts_seconds": built["seconds"],
+        "build_parts_seconds": built.seconds,
         "rss_growth_mb": round((rss1 - rss0) / 2**20, 1),
         "rss_mb": round(rss1 / 2**20, 1),
         "index_file_mb": round(index_bytes / 2**20, 1),

@@ -7,84 +7,86 @@ from typing import List, Optional
 
 import typer
 
-from .common import JSON_OPT, STORE_ARG, console, emit_json, handle_errors, open_store, out
+from .common import JSON_OPT, STORE_ARG, emit_json, handle_errors, open_store, out
+
+
+@handle_errors
+def add(
+    store: Path = STORE_ARG,
+    paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively).", show_default=False),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone for a new store (see `embedstore backbones`); default offline:efficientnet_lite0."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Local checkpoint file to load into the backbone (no download)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass; default: automatic."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode worker processes; default: automatic."),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG); workers only read files."),
+    json_: bool = JSON_OPT,
+):
+    """Add images to STORE (creating it): new content is embedded, duplicates skipped, a killed run resumes."""
+    s = open_store(store, create=True, backbone=backbone, weights=str(weights) if weights else None, device=device)
+    res = s.add(
+        [str(p) for p in paths], batch_size=batch_size, workers=workers, progress=not json_, gpu_decode=gpu_decode
+    )
+    if json_:
+        emit_json(res.to_dict())
+        return
+    out.print(
+        f"added [bold]{res.added}[/] images ({res.images_per_second:.1f} img/s on {res.device}), "
+        f"skipped {res.skipped_duplicates} duplicates"
+        + (f", resumed {res.resumed}" if res.resumed else "")
+        + (f", replaced {res.replaced}" if res.replaced else "")
+        + (f", [yellow]{res.errors} errors[/]" if res.errors else "")
+        + f" in {res.seconds:.1f}s"
+    )
+    for e in res.error_list[:10]:
+        out.print(f"  [yellow]skipped[/] {e.path}: {e.error}", highlight=False)
+    for m in res.missing_paths:
+        out.print(f"  [yellow]not found[/] {m}", highlight=False)
+
+
+@handle_errors
+def info(store: Path = STORE_ARG, json_: bool = JSON_OPT):
+    """Show counts, backbone and version of STORE."""
+    s = open_store(store)
+    d = s.info().to_dict()
+    if json_:
+        d["error_list"] = [e.to_dict() for e in s.errors()]
+        emit_json(d)
+        return
+    for k, v in d.items():
+        out.print(f"[bold]{k:>12}[/]  {v}", highlight=False)
+
+
+@handle_errors
+def backbones(json_: bool = JSON_OPT):
+    """List known backbone names (any timm model or open_clip pair works too)."""
+    from embedstore.ingest.backbones import DEFAULT_BACKBONE, KNOWN_BACKBONES  # the registry listing
+
+    if json_:
+        emit_json([{"name": k, "description": v, "default": k == DEFAULT_BACKBONE} for k, v in KNOWN_BACKBONES.items()])
+        return
+    from rich.table import Table
+
+    t = Table("name", "description")
+    for k, v in KNOWN_BACKBONES.items():
+        t.add_row(k + (" (default)" if k == DEFAULT_BACKBONE else ""), v)
+    out.print(t)
+    out.print("Also: any timm:MODEL[.TAG], any openclip:ARCH/PRETRAINED, and --weights FILE for a local checkpoint.")
+
+
+@handle_errors
+def demo(
+    store: Path = typer.Argument(Path("demo.es"), help="Where to build the demo store."),
+    json_: bool = JSON_OPT,
+):
+    """Offline, CPU, about a minute: build a store from sample photos and show what it can do."""
+    from embedstore.demo import run_demo  # a script over the public API, not part of the Store
+
+    report = run_demo(store, progress=not json_, say=(lambda m: None) if json_ else out.print)
+    if json_:
+        emit_json(report)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
-    @handle_errors
-    def add(
-        store: Path = STORE_ARG,
-        paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively).", show_default=False),
-        backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone for a new store (see `embedstore backbones`); default offline:efficientnet_lite0."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Local checkpoint file to load into the backbone (no download)."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass; default: automatic."),
-        workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode worker processes; default: automatic."),
-        gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG); workers only read files."),
-        json_: bool = JSON_OPT,
-    ):
-        """Add images to STORE (creating it): new content is embedded, duplicates skipped, a killed run resumes."""
-        s = open_store(store, create=True, backbone=backbone, weights=str(weights) if weights else None, device=device)
-        res = s.add(
-            [str(p) for p in paths], batch_size=batch_size, workers=workers, progress=not json_, gpu_decode=gpu_decode
-        )
-        d = res.to_dict()
-        if json_:
-            emit_json(d)
-            return
-        out.print(
-            f"added [bold]{d['added']}[/] images ({d['images_per_second']:.1f} img/s on {d['device']}), "
-            f"skipped {d['skipped_duplicates']} duplicates"
-            + (f", resumed {d['resumed']}" if d["resumed"] else "")
-            + (f", replaced {d['replaced']}" if d["replaced"] else "")
-            + (f", [yellow]{d['errors']} errors[/]" if d["errors"] else "")
-            + f" in {d['seconds']:.1f}s"
-        )
-        for e in d["error_list"][:10]:
-            out.print(f"  [yellow]skipped[/] {e['path']}: {e['error']}", highlight=False)
-        for m in d["missing_paths"]:
-            out.print(f"  [yellow]not found[/] {m}", highlight=False)
-
-    @app.command()
-    @handle_errors
-    def info(store: Path = STORE_ARG, json_: bool = JSON_OPT):
-        """Show counts, backbone and version of STORE."""
-        s = open_store(store)
-        d = s.info()
-        if json_:
-            d["error_list"] = s.errors()
-            emit_json(d)
-            return
-        for k, v in d.items():
-            out.print(f"[bold]{k:>12}[/]  {v}", highlight=False)
-
-    @app.command()
-    @handle_errors
-    def backbones(json_: bool = JSON_OPT):
-        """List known backbone names (any timm model or open_clip pair works too)."""
-        from embedstore.ingest.backbones import DEFAULT_BACKBONE, KNOWN_BACKBONES
-
-        if json_:
-            emit_json([{"name": k, "description": v, "default": k == DEFAULT_BACKBONE} for k, v in KNOWN_BACKBONES.items()])
-            return
-        from rich.table import Table
-
-        t = Table("name", "description")
-        for k, v in KNOWN_BACKBONES.items():
-            t.add_row(k + (" (default)" if k == DEFAULT_BACKBONE else ""), v)
-        out.print(t)
-        out.print("Also: any timm:MODEL[.TAG], any openclip:ARCH/PRETRAINED, and --weights FILE for a local checkpoint.")
-
-    @app.command()
-    @handle_errors
-    def demo(
-        store: Path = typer.Argument(Path("demo.es"), help="Where to build the demo store."),
-        json_: bool = JSON_OPT,
-    ):
-        """Offline, CPU, about a minute: build a store from sample photos and show what it can do."""
-        from embedstore.demo import run_demo
-
-        report = run_demo(store, progress=not json_, say=(lambda m: None) if json_ else out.print)
-        if json_:
-            emit_json(report)
+    for fn in (add, info, backbones, demo):
+        app.command()(fn)

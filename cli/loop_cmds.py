@@ -1,4 +1,4 @@
-"""finetune, versions, use, prune: the fine-tune loop's commands (thin wrappers over embedstore.loop.versions)."""
+"""finetune, versions, use, prune: the fine-tune loop's commands (thin wrappers over the Store's loop methods)."""
 
 from __future__ import annotations
 
@@ -10,92 +10,95 @@ import typer
 from .common import JSON_OPT, STORE_ARG, emit_json, handle_errors, open_store, out
 
 
+@handle_errors
+def finetune(
+    store: Path = STORE_ARG,
+    if_plateau: bool = typer.Option(False, "--if-plateau", help="Only fine-tune when the eval history shows a plateau."),
+    method: str = typer.Option("lora", "--method", help="lora (adapters, default), last-blocks (L2-SP) or full (L2-SP)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Most epochs to train (early stopping may end sooner); default 10."),
+    margin: Optional[float] = typer.Option(None, "--margin", min=0.0, help="Plateau: least accuracy gain that still counts as progress (default 0.01)."),
+    window: Optional[int] = typer.Option(None, "--window", min=1, help="Plateau: over how many label additions the gain is measured (default 2)."),
+    image_size: Optional[int] = typer.Option(None, "--size", min=32, help="Training resolution; default: the backbone's input size."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate; default per method."),
+    evaluate: bool = typer.Option(False, "--evaluate", help="Run the few-shot eval on the new version when it is activated."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    json_: bool = JSON_OPT,
+):
+    """Fine-tune the backbone on the labels; re-embed, re-index, activate the new version only if it is better."""
+    s = open_store(store, device=device)
+    opts = {k: v for k, v in (("image_size", image_size), ("lr", lr)) if v is not None}  # FinetuneConfig options
+    res = s.finetune(method=method, epochs=epochs, if_plateau=if_plateau, progress=not json_, margin=margin,
+                     window=window, evaluate=evaluate, **opts)
+    if json_:
+        emit_json(res.to_dict())
+        return
+    colour = {"activated": "green", "kept": "yellow", "skipped": "cyan", "not-improved": "yellow"}[res.status]
+    out.print(f"[bold {colour}]{res.status}[/]: {res.message}", highlight=False)
+    if res.version:
+        t = res.train or {}
+        out.print(
+            f"  re-embedded {res.reembedded} images ({res.vectors} vectors)"
+            + (f", trained {t.get('epochs_run')} epochs in {t.get('seconds')}s ({t.get('images_per_second')} img/s)" if t else "")
+            + (" (resumed an unfinished run)" if res.resumed else ""),
+            highlight=False,
+        )
+
+
+@handle_errors
+def versions(store: Path = STORE_ARG, json_: bool = JSON_OPT):
+    """List backbone versions: which is active, their parent and eval accuracy."""
+    s = open_store(store)
+    rows = s.versions()
+    if json_:
+        emit_json([r.to_dict() for r in rows])
+        return
+    from rich import box
+    from rich.table import Table
+
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("version", "", "parent", "method", "status", "vectors", "eval", "held-out"):
+        t.add_column(col, no_wrap=True)
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for r in rows:
+        t.add_row(
+            r.version, "*" if r.active else "", r.parent or "-", r.method or "-", r.status,
+            str(r.vectors), fmt(r.eval_accuracy), fmt(r.holdout_accuracy),
+        )
+    out.print(t)
+    out.print("* = active; eval: latest `embedstore eval` best-head accuracy; held-out: the fine-tune's activation check",
+              highlight=False)
+
+
+@handle_errors
+def use(
+    store: Path = STORE_ARG,
+    version: str = typer.Argument(..., help="Version fingerprint (or a unique prefix) from `embedstore versions`."),
+    json_: bool = JSON_OPT,
+):
+    """Make VERSION the active backbone version (roll back or forward); search and classify follow it."""
+    s = open_store(store)
+    res = s.use(version, progress=not json_)
+    if json_:
+        emit_json(res.to_dict())
+        return
+    out.print(f"active version: [bold]{res.version}[/] (was {res.previous}), {res.vectors} vectors"
+              + (f", embedded {res.embedded} new images" if res.embedded else ""), highlight=False)
+
+
+@handle_errors
+def prune(
+    store: Path = STORE_ARG,
+    version: str = typer.Argument(..., help="An inactive version to delete (vectors, index, weights)."),
+    json_: bool = JSON_OPT,
+):
+    """Delete an inactive backbone version's vectors, index and weights."""
+    res = open_store(store).prune(version)
+    if json_:
+        emit_json(res.to_dict())
+        return
+    out.print(f"pruned version [bold]{res.pruned}[/] ({len(res.files)} files)", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
-    @app.command()
-    @handle_errors
-    def finetune(
-        store: Path = STORE_ARG,
-        if_plateau: bool = typer.Option(False, "--if-plateau", help="Only fine-tune when the eval history shows a plateau."),
-        method: str = typer.Option("lora", "--method", help="lora (adapters, default), last-blocks (L2-SP) or full (L2-SP)."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Most epochs to train (early stopping may end sooner); default 10."),
-        margin: Optional[float] = typer.Option(None, "--margin", min=0.0, help="Plateau: least accuracy gain that still counts as progress (default 0.01)."),
-        window: Optional[int] = typer.Option(None, "--window", min=1, help="Plateau: over how many label additions the gain is measured (default 2)."),
-        image_size: Optional[int] = typer.Option(None, "--size", min=32, help="Training resolution; default: the backbone's input size."),
-        lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate; default per method."),
-        evaluate: bool = typer.Option(False, "--evaluate", help="Run the few-shot eval on the new version when it is activated."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-        json_: bool = JSON_OPT,
-    ):
-        """Fine-tune the backbone on the labels; re-embed, re-index, activate the new version only if it is better."""
-        s = open_store(store, device=device)
-        opts = {k: v for k, v in (("image_size", image_size), ("lr", lr)) if v is not None}
-        d = s.finetune(method=method, epochs=epochs, if_plateau=if_plateau, progress=not json_, margin=margin,
-                       window=window, evaluate=evaluate, **opts)
-        if json_:
-            emit_json(d)
-            return
-        colour = {"activated": "green", "kept": "yellow", "skipped": "cyan", "not-improved": "yellow"}[d["status"]]
-        out.print(f"[bold {colour}]{d['status']}[/]: {d['message']}", highlight=False)
-        if d.get("version"):
-            t = d.get("train") or {}
-            out.print(
-                f"  re-embedded {d['reembedded']} images ({d['vectors']} vectors)"
-                + (f", trained {t.get('epochs_run')} epochs in {t.get('seconds')}s ({t.get('images_per_second')} img/s)" if t else "")
-                + (" (resumed an unfinished run)" if d.get("resumed") else ""),
-                highlight=False,
-            )
-
-    @app.command()
-    @handle_errors
-    def versions(store: Path = STORE_ARG, json_: bool = JSON_OPT):
-        """List backbone versions: which is active, their parent and eval accuracy."""
-        s = open_store(store)
-        rows = s.versions()
-        if json_:
-            emit_json(rows)
-            return
-        from rich import box
-        from rich.table import Table
-
-        t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        for col in ("version", "", "parent", "method", "status", "vectors", "eval", "held-out"):
-            t.add_column(col, no_wrap=True)
-        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        for r in rows:
-            t.add_row(
-                r["version"], "*" if r["active"] else "", r["parent"] or "-", r["method"] or "-", r["status"],
-                str(r["vectors"]), fmt(r["eval_accuracy"]), fmt(r["holdout_accuracy"]),
-            )
-        out.print(t)
-        out.print("* = active; eval: latest `embedstore eval` best-head accuracy; held-out: the fine-tune's activation check",
-                  highlight=False)
-
-    @app.command()
-    @handle_errors
-    def use(
-        store: Path = STORE_ARG,
-        version: str = typer.Argument(..., help="Version fingerprint (or a unique prefix) from `embedstore versions`."),
-        json_: bool = JSON_OPT,
-    ):
-        """Make VERSION the active backbone version (roll back or forward); search and classify follow it."""
-        s = open_store(store)
-        d = s.use(version, progress=not json_)
-        if json_:
-            emit_json(d)
-            return
-        out.print(f"active version: [bold]{d['version']}[/] (was {d['previous']}), {d['vectors']} vectors"
-                  + (f", embedded {d['embedded']} new images" if d["embedded"] else ""), highlight=False)
-
-    @app.command()
-    @handle_errors
-    def prune(
-        store: Path = STORE_ARG,
-        version: str = typer.Argument(..., help="An inactive version to delete (vectors, index, weights)."),
-        json_: bool = JSON_OPT,
-    ):
-        """Delete an inactive backbone version's vectors, index and weights."""
-        d = open_store(store).prune(version)
-        if json_:
-            emit_json(d)
-            return
-        out.print(f"pruned version [bold]{d['pruned']}[/] ({len(d['files'])} files)", highlight=False)
+    for fn in (finetune, versions, use, prune):
+        app.command()(fn)

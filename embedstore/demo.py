@@ -10,15 +10,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import embedstore
 from embedstore.errors import InvalidArgumentError
+from embedstore.samples import make_digits, make_photo_views
 
 MARKER = ".embedstore-demo"
 
 
 def run_demo(store_dir: str | Path = "demo.es", progress: bool = True, say: Callable[[str], None] = print) -> dict:
-    import embedstore
-    from embedstore.samples import make_digits, make_photo_views
-
     t0 = time.perf_counter()
     store_dir = Path(store_dir).expanduser().resolve()
     images_dir = store_dir.parent / (store_dir.name.removesuffix(".es") + "-images")
@@ -40,47 +39,43 @@ def run_demo(store_dir: str | Path = "demo.es", progress: bool = True, say: Call
     report["add"] = res.to_dict()
     say(f"    added {res.added} images at {res.images_per_second:.1f} img/s")
 
-    ids, paths, _ = store.vectors()
-    by_path = dict(zip(paths, ids.tolist()))
-    if hasattr(store, "search"):
-        query = sorted(p for p in truth if truth[p] == "chelsea")[0]
-        hits = store.search(image=query, k=6)
-        same = sum(truth.get(h["path"]) == "chelsea" for h in hits[1:])
-        report["search"] = {"query": query, "hits": [{"path": h["path"], "score": round(h["score"], 3)} for h in hits]}
-        say(f"[bold]3/5[/] search by image: the query comes back first (score {hits[0]['score']:.3f}); "
-            f"{same} of the next {len(hits) - 1} neighbours are views of the same photo")
+    query = sorted(p for p in truth if truth[p] == "chelsea")[0]
+    hits = store.search(image=query, k=6)
+    same = sum(truth.get(h.path) == "chelsea" for h in hits[1:])
+    report["search"] = {"query": query, "hits": [{"path": h.path, "score": round(h.score, 3)} for h in hits]}
+    say(f"[bold]3/5[/] search by image: the query comes back first (score {hits[0].score:.3f}); "
+        f"{same} of the next {len(hits) - 1} neighbours are views of the same photo")
 
-    if hasattr(store, "classify"):
-        shots = 2
-        picked: dict[str, list[str]] = {}
-        for p in sorted(truth):
-            picked.setdefault(truth[p], [])
-            if len(picked[truth[p]]) < shots:
-                picked[truth[p]].append(p)
-        for cls, ps in picked.items():
-            store.label(ps, cls)
-        out = store.classify(head="auto")
-        preds = out["predictions"]
-        correct = sum(truth.get(p["path"]) == p["label"] for p in preds)
-        report["classify"] = {"labeled": shots * len(picked), "predicted": len(preds), "correct": correct,
-                              "accuracy": round(correct / max(1, len(preds)), 3), "head": out.get("chosen", out.get("head"))}
-        say(f"[bold]4/5[/] labeled {shots} images per class ({len(picked)} classes); head "
-            f"'{report['classify']['head']}' labeled the other {len(preds)}: {correct} correct "
-            f"({100 * correct / max(1, len(preds)):.0f}%)")
+    shots = 2
+    picked: dict[str, list[str]] = {}
+    for p in sorted(truth):
+        picked.setdefault(truth[p], [])
+        if len(picked[truth[p]]) < shots:
+            picked[truth[p]].append(p)
+    for cls, ps in picked.items():
+        store.label(ps, cls)
+    out = store.classify(head="auto")
+    preds = out.predictions
+    correct = sum(truth.get(p.path) == p.label for p in preds)
+    report["classify"] = {"labeled": shots * len(picked), "predicted": len(preds), "correct": correct,
+                          "accuracy": round(correct / max(1, len(preds)), 3), "head": out.chosen, "reason": out.reason}
+    say(f"[bold]4/5[/] labeled {shots} images per class ({len(picked)} classes); head "
+        f"'{report['classify']['head']}' labeled the other {len(preds)}: {correct} correct "
+        f"({100 * correct / max(1, len(preds)):.0f}%)")
 
-        digits = make_digits(images_dir / "digits", per_class=6, seed=0, size=128)
-        some = [p for p in digits if digits[p] in ("3",)]
-        store.add(some, progress=False)
-        t1 = time.perf_counter()
-        store.label(some[:3], "handwritten-digit")
-        out = store.classify(head="centroid")
-        new_ok = sum(p["label"] == "handwritten-digit" for p in out["predictions"] if p["path"] in some[3:])
-        report["new_class"] = {"labeled": 3, "recognised": new_ok, "of": len(some) - 3,
-                               "seconds": round(time.perf_counter() - t1, 3)}
-        say(f"[bold]5/5[/] new class 'handwritten-digit' from 3 labels, no retraining: "
-            f"{new_ok}/{len(some) - 3} of its other images recognised in {report['new_class']['seconds']:.2f}s")
+    digits = make_digits(images_dir / "digits", per_class=6, seed=0, size=128)
+    some = [p for p in digits if digits[p] in ("3",)]
+    store.add(some, progress=False)
+    t1 = time.perf_counter()
+    store.label(some[:3], "handwritten-digit")
+    out = store.classify(head="centroid")
+    new_ok = sum(p.label == "handwritten-digit" for p in out.predictions if p.path in some[3:])
+    report["new_class"] = {"labeled": 3, "recognised": new_ok, "of": len(some) - 3,
+                           "seconds": round(time.perf_counter() - t1, 3)}
+    say(f"[bold]5/5[/] new class 'handwritten-digit' from 3 labels, no retraining: "
+        f"{new_ok}/{len(some) - 3} of its other images recognised in {report['new_class']['seconds']:.2f}s")
 
-    report["info"] = store.info()
+    report["info"] = store.info().to_dict()
     report["seconds"] = round(time.perf_counter() - t0, 1)
     say(f"\ndone in {report['seconds']}s. Store: {store_dir}. Try next:")
     say(f"  embedstore info {store_dir}")

@@ -19,16 +19,6 @@ class Result:
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.repr}
 
-    # TRANSITIONAL (removed once cli/, ui/ and tests read attributes): dict-style reads
-    def __getitem__(self, key):
-        return self.to_dict()[key]
-
-    def __contains__(self, key) -> bool:
-        return key in self.to_dict()
-
-    def get(self, key, default=None):
-        return self.to_dict().get(key, default)
-
 
 def _plain(v: Any) -> Any:
     if isinstance(v, Result):

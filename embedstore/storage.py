@@ -28,6 +28,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from embedstore.clock import now_iso
 from embedstore.errors import StoreLockedError, StoreNotFoundError
 from embedstore.results import VectorSet
 
@@ -158,8 +159,6 @@ class Storage:
     @classmethod
     def create(cls, root: Path, first_version: dict, version: str, lock_timeout: float = 30.0) -> "Storage":
         """A new store directory whose one backbone version (`first_version`, describe()'d) is active."""
-        from embedstore.clock import now_iso
-
         root = Path(root)
         cls.check_free(root)
         root.mkdir(parents=True, exist_ok=True)
@@ -370,6 +369,10 @@ class Storage:
     def hashes_for(self, ids: Sequence[int]) -> dict[int, str]:
         t = self.read_ids("images", ids, ["id", "hash"])
         return {} if t is None else dict(zip(t.column("id").to_pylist(), t.column("hash").to_pylist()))
+
+    def image_ids(self) -> set[int]:
+        t = self.read_table("images", ["id"])
+        return set() if t is None else set(t.column("id").to_pylist())
 
     def image_index(self) -> tuple[dict[str, int], dict[str, int]]:
         """({path: id}, {hash: id}) over every image."""

@@ -188,6 +188,10 @@ class Store:
         """ids, paths and an (N, D) float32 array of the active (or given) version, in id order."""
         return self.storage.vectors(version, ids)
 
+    def vector_ids(self, version: str | None = None) -> np.ndarray:
+        """Sorted ids of the images that have a vector in `version` (default: the active one)."""
+        return self.storage.vector_ids(version)
+
     def paths_for(self, ids: Sequence[int]) -> list[str]:
         """The path of each id ("" for ids not in the store)."""
         lookup = self.storage.paths_for(ids)

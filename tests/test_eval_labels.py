@@ -5,25 +5,28 @@ from __future__ import annotations
 import pytest
 
 from embedstore.errors import EmptyInputError, InvalidArgumentError
+from embedstore.results import EvalRun
 
 
 def test_evaluate_stores_runs(photo_store, photo_dir):
     photo_store.label_folders(photo_dir)  # 10 per class: shots 1..8
     run = photo_store.evaluate(shots=(1, 2, 4, 8, 16), episodes=3, heads=["knn", "centroid"])
-    assert run["shots"] == [1, 2, 4, 8]  # 16 needs 17 labels per class
-    assert set(run["heads"]) == {"knn", "centroid"}
-    for h, curve in run["heads"].items():
+    assert isinstance(run, EvalRun)
+    assert run.shots == [1, 2, 4, 8]  # 16 needs 17 labels per class
+    assert set(run.heads) == {"knn", "centroid"}
+    for h, curve in run.heads.items():
         assert set(curve) == {"1", "2", "4", "8"}
         assert all(0 <= v["mean"] <= 1 and v["episodes"] == 3 for v in curve.values())
         assert curve["8"]["mean"] >= 0.9
-    assert run["best_head"] in ("knn", "centroid") and run["best_shots"] == 8
-    assert run["n_labels"] == 80 and run["n_classes"] == 8
+    assert run.best_head in ("knn", "centroid") and run.best_shots == 8
+    assert run.n_labels == 80 and run.n_classes == 8
     again = photo_store.evaluate(shots=(1, 2), episodes=3, heads=["knn", "centroid"])
-    assert again["heads"]["knn"]["1"] == run["heads"]["knn"]["1"]  # seeded
+    assert again.heads["knn"]["1"] == run.heads["knn"]["1"]  # seeded
     hist = photo_store.eval_history()
-    assert [h["run_id"] for h in hist] == [run["run_id"], again["run_id"]]
-    assert hist[0]["best_head"] == run["best_head"] and hist[0]["results"]["heads"] == run["heads"]
-    assert hist[0]["version"] == photo_store.active_version and hist[0]["n_labels"] == 80
+    assert all(isinstance(h, EvalRun) for h in hist)
+    assert [h.run_id for h in hist] == [run.run_id, again.run_id]
+    assert hist[0].best_head == run.best_head and hist[0].heads == run.heads
+    assert hist[0].version == photo_store.active_version and hist[0].n_labels == 80
     assert photo_store.eval_history(version="other") == []
 
 
@@ -46,11 +49,11 @@ def test_eval_run_stores_a_confusion_matrix_of_the_best_head(photo_store, photo_
     for c, ps in list(by_class.items())[:3]:
         photo_store.label(ps[:4], c)
     run = photo_store.evaluate(shots=(1, 2), episodes=2, heads=["centroid", "knn"])
-    conf = run["confusion"]
-    assert conf["head"] == run["best_head"] and conf["shots"] == 2
+    conf = run.confusion
+    assert conf["head"] == run.best_head and conf["shots"] == 2
     M = conf["matrix"]
     assert len(M) == len(conf["classes"]) == 3 and all(len(r) == 3 for r in M)
     # 2 episodes x (4 - 2) query images per class: every row sums to 4
     assert [sum(r) for r in M] == [4, 4, 4]
     stored = photo_store.eval_history()[-1]
-    assert stored["results"]["confusion"]["matrix"] == M
+    assert stored.confusion["matrix"] == M

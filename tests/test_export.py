@@ -25,14 +25,14 @@ def classified(photo_store, photo_labels):
 def test_export_csv_json(classified, tmp_path):
     res = classified.export("csv", tmp_path / "out.csv")
     rows = list(csv.DictReader(open(tmp_path / "out.csv")))
-    assert len(rows) == res["rows"] == 80
+    assert len(rows) == res.rows == 80
     assert set(rows[0]) == {"id", "path", "label", "source", "confidence", "head"}
     assert {r["source"] for r in rows} == {"human", "prediction"}
     assert sum(r["source"] == "human" for r in rows) == 16
     res = classified.export("json", tmp_path / "out.json", include="predictions")
     data = json.loads((tmp_path / "out.json").read_text())
     assert len(data) == 64 and all(d["source"] == "prediction" for d in data)
-    assert sum(d["label"] is None for d in data) == res["unknown"]
+    assert sum(d["label"] is None for d in data) == res.unknown
 
 
 @pytest.mark.parametrize("link", [False, True])
@@ -40,10 +40,10 @@ def test_export_imagefolder(classified, tmp_path, link):
     out = tmp_path / "tree"
     res = classified.export("imagefolder", out, link=link)
     files = [p for p in out.rglob("*") if p.is_file() or p.is_symlink()]
-    assert len(files) == res["files"] == 80 - res["unknown"]
+    assert len(files) == res.files == 80 - res.unknown
     assert {p.parent.name for p in files} <= set(classified.classes())
     assert all(p.is_symlink() == link for p in files)
-    assert sum(res["per_class"].values()) == res["files"]
+    assert sum(res.per_class.values()) == res.files
     with pytest.raises(InvalidArgumentError, match="not an empty folder"):
         classified.export("imagefolder", out)
 

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 import embedstore
 from embedstore.cli.app import app
 from embedstore.loop.finetune import FinetuneConfig, split_holdout, tail_names
+from embedstore.results import FinetuneResult
 
 slow = pytest.mark.slow  # the module-scoped fine-tune takes minutes on 2 CPU cores
 
@@ -29,8 +30,8 @@ SHOTS = 10
 TRAIN = {"epochs": 4, "holdout": 0.3}  # 7 train + 3 held-out labels per class
 
 CHILD = """
-import sys, embedstore, embedstore.store as st
-st.COMMIT_EVERY = 16  # commit often so the kill lands between commits
+import sys, embedstore, embedstore.ingest.ingest as ing
+ing.COMMIT_EVERY = 16  # commit often so the kill lands between commits
 embedstore.open(sys.argv[1], create=False).finetune(progress=False, epochs={epochs}, holdout={holdout})
 """
 
@@ -102,10 +103,11 @@ def test_kill_during_reembedding_leaves_old_version_active(run):
 @slow
 def test_rerun_finishes_the_job(run):
     r = run["result"]
-    assert r["resumed"] is True and r["version"] == run["new"]
-    assert r["reembedded"] == run["n_images"] - run["partial"]  # only what the killed run had not committed
-    assert r["vectors"] == r["images"] == run["n_images"]  # every image re-embedded exactly once
-    assert run["store"].versions()[-1]["status"] == "ready"
+    assert isinstance(r, FinetuneResult)
+    assert r.resumed is True and r.version == run["new"]
+    assert r.reembedded == run["n_images"] - run["partial"]  # only what the killed run had not committed
+    assert r.vectors == r.images == run["n_images"]  # every image re-embedded exactly once
+    assert run["store"].versions()[-1].status == "ready"
 
 
 @slow
@@ -113,10 +115,10 @@ def test_finetune_raises_accuracy_over_frozen_backbone(run):
     s, r = run["store"], run["result"]
     before = unlabeled_centroid_accuracy(s, run["old"], run["labels"], run["truth"])
     after = unlabeled_centroid_accuracy(s, run["new"], run["labels"], run["truth"])
-    print(f"unlabeled accuracy frozen {before:.3f} -> fine-tuned {after:.3f}; held-out {r['holdout']}")
+    print(f"unlabeled accuracy frozen {before:.3f} -> fine-tuned {after:.3f}; held-out {r.holdout}")
     assert after > before
-    assert r["status"] == "activated" and s.active_version == run["new"]
-    new, old = r["holdout"]["new"], r["holdout"]["parent"]
+    assert r.status == "activated" and s.active_version == run["new"]
+    new, old = r.holdout["new"], r.holdout["parent"]
     assert new["accuracy"] > old["accuracy"] or (new["accuracy"] == old["accuracy"] and new["log_loss"] < old["log_loss"])
 
 
@@ -159,14 +161,14 @@ def test_use_rolls_back_and_old_version_is_searchable(run):
     assert s.active_version == run["old"]
     qid = next(iter(run["labels"]))
     hits = s.search(id=qid, k=5)
-    assert len(hits) == 5 and qid not in [h["id"] for h in hits]
+    assert len(hits) == 5 and qid not in [h.id for h in hits]
     X = s.vectors().vectors
-    np.testing.assert_allclose(hits[0]["score"], float(np.max(np.delete(X @ X[qid], qid))), atol=1e-4)
+    np.testing.assert_allclose(hits[0].score, float(np.max(np.delete(X @ X[qid], qid))), atol=1e-4)
     info = s.info()
-    assert info["version"] == run["old"] and info["vectors"] == run["n_images"]
-    assert s.use(run["new"])["embedded"] == 0  # and forward again, nothing to embed
+    assert info.version == run["old"] and info.vectors == run["n_images"]
+    assert s.use(run["new"]).embedded == 0  # and forward again, nothing to embed
     s = embedstore.open(root, create=False)
-    assert s.info()["version"] == run["new"] and s.info()["vectors"] == run["n_images"]
+    assert s.info().version == run["new"] and s.info().vectors == run["n_images"]
     assert len(s.search(id=qid, k=3)) == 3
 
 
@@ -178,8 +180,8 @@ def test_images_added_later_are_embedded_on_use(run, digits_dir, tmp_path):
     extra = tmp_path / "extra.png"
     Image.open(next(digits_dir.rglob("*.png"))).rotate(90).save(extra)
     s.add([extra], progress=False)  # embedded by the active (new) version only
-    assert s.use(run["old"])["embedded"] == 1
-    assert s.use(run["new"])["embedded"] == 0
+    assert s.use(run["old"]).embedded == 1
+    assert s.use(run["new"]).embedded == 0
     run["n_images"] += 1
 
 
@@ -188,8 +190,8 @@ def test_prune_removes_an_inactive_version(run):
     s = embedstore.open(run["root"], create=False)
     assert s.active_version == run["new"]
     d = s.prune(run["old"])
-    assert d["pruned"] == run["old"]
-    assert [v["version"] for v in s.versions()] == [run["new"]]
+    assert d.pruned == run["old"]
+    assert [v.version for v in s.versions()] == [run["new"]]
     assert vector_count(run["root"], run["old"]) == 0
     assert s.search(id=next(iter(run["labels"])), k=2)
 

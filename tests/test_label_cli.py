@@ -69,7 +69,8 @@ def test_label_classify_flow(store, photo_labels, photo_dir, tmp_path):
     preds = run_json("classify", store, "--head", "knn", "--threshold", "0.5")
     assert isinstance(preds, list) and len(preds) == 56
     for p in preds:
-        assert set(p) == {"id", "path", "label", "confidence", "head"}
+        assert set(p) == {"id", "path", "label", "confidence", "head", "probability", "explain"}
+        assert p["explain"] is None  # only with --explain
     truth = dict(photo_labels, **{p: "cat" for p in g["chelsea"]})
     assert sum(truth[p["path"]] == p["label"] for p in preds) / len(preds) >= 0.9
     explained = run_json("classify", store, "--head", "centroid", "--explain")

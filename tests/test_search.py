@@ -16,6 +16,7 @@ from embedstore.search import faiss_index as fx
 from embedstore.search import search as search_mod
 from embedstore.cli.app import app
 from embedstore.errors import EmptyInputError, InvalidArgumentError, NotSupportedError
+from embedstore.results import Hit
 
 from conftest import TINY_CLIP
 
@@ -49,22 +50,22 @@ def test_stored_image_as_query_returns_itself_first(photo_store):
     ids, paths, _ = photo_store.vectors()
     for i in (0, 37, 79):
         hits = photo_store.search(image=paths[i], k=5)
-        assert hits[0]["id"] == ids[i] and hits[0]["path"] == paths[i]
-        assert hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
-        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        assert hits[0].id == ids[i] and hits[0].path == paths[i]
+        assert hits[0].score == pytest.approx(1.0, abs=1e-3)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
         # the real weights put views of the same photo next to each other
-        assert sum(_class_of(h["path"]) == _class_of(paths[i]) for h in hits) >= 4
+        assert sum(_class_of(h.path) == _class_of(paths[i]) for h in hits) >= 4
     assert _index_files(photo_store)[0].is_file()
-    assert photo_store.info()["index"]["factory"] == "Flat"
+    assert photo_store.info().index.factory == "Flat"
 
 
 def test_id_vector_and_batch_queries(photo_store):
     ids, paths, X = photo_store.vectors()
     hits = photo_store.search(id=int(ids[5]), k=10)
-    assert len(hits) == 10 and ids[5] not in [h["id"] for h in hits]  # the query itself is left out
-    assert set(hits[0]) == {"id", "path", "score", "label", "prediction"}
+    assert len(hits) == 10 and ids[5] not in [h.id for h in hits]  # the query itself is left out
+    assert isinstance(hits[0], Hit) and set(hits[0].to_dict()) == {"id", "path", "score", "label", "prediction"}
     by_vec = photo_store.search(vector=X[5] * 3.0, k=3)  # scaled: normalised before searching
-    assert by_vec[0]["id"] == ids[5]
+    assert by_vec[0].id == ids[5]
     S, I = photo_store.search_vectors(X[:20], k=4)
     assert S.shape == I.shape == (20, 4) and S.dtype == np.float32 and I.dtype == np.int64
     np.testing.assert_array_equal(I[:, 0], ids[:20])
@@ -101,9 +102,9 @@ def test_added_images_searchable_at_once_and_removed_never_return(photo_store, p
     s.add(new, progress=False)
     m = _meta(s)
     assert m["built"] == built and m["n"] == 84  # updated in place, not rebuilt
-    assert m["lance_version"] == s.vectors_table().version and s.info()["index"]["fresh"]
+    assert m["lance_version"] == s.storage.vectors_table().version and s.info().index.fresh
     for p in new:
-        assert s.search(image=p, k=1)[0]["path"] == p
+        assert s.search(image=p, k=1)[0].path == p
 
     ids, paths, X = s.vectors()
     gone = [int(i) for i, p in zip(ids, paths) if p in new[:2]] + [int(ids[0]), int(ids[1])]
@@ -111,7 +112,7 @@ def test_added_images_searchable_at_once_and_removed_never_return(photo_store, p
     assert _meta(s)["n"] == 80
     _, I = s.search_vectors(X, k=84)
     assert not np.isin(I, gone).any()
-    assert not {h["id"] for h in s.search(vector=X[0], k=84)} & set(gone)
+    assert not {h.id for h in s.search(vector=X[0], k=84)} & set(gone)
     # a fresh process (new Store object) reads the updated file and agrees
     s2 = embedstore.open(s.root, create=False)
     _, I2 = s2.search_vectors(X, k=84)
@@ -121,7 +122,7 @@ def test_added_images_searchable_at_once_and_removed_never_return(photo_store, p
 def test_hnsw_deletions_are_filtered_and_persisted(photo_store):
     s = photo_store
     d = s.build_index(factory="HNSW16,Flat", progress=False)
-    assert d["kind"] == "hnsw" and d["vectors"] == 80 and not d["auto"]
+    assert d.kind == "hnsw" and d.vectors == 80 and not d.auto
     ids, _, X = s.vectors()
     s.remove(ids=[int(ids[3]), int(ids[4])])
     m = _meta(s)
@@ -129,7 +130,7 @@ def test_hnsw_deletions_are_filtered_and_persisted(photo_store):
     for store in (s, embedstore.open(s.root, create=False)):
         S, I = store.search_vectors(X[3:5], k=10)
         assert not np.isin(I, ids[3:5]).any() and (I >= 0).all()
-        assert store.info()["index"]["vectors"] == 78
+        assert store.info().index.vectors == 78
 
 
 def test_changes_from_another_process_are_seen(photo_store, photo_dir, tmp_path):
@@ -164,9 +165,9 @@ def test_missing_corrupt_or_stale_index_is_rebuilt(photo_store, damage):
         m["lance_version"] = 1
         side.write_text(json.dumps(m))
     fresh = embedstore.open(s.root, create=False)
-    assert fresh.search(image=paths[9], k=1)[0]["id"] == ids[9]
+    assert fresh.search(image=paths[9], k=1)[0].id == ids[9]
     index, meta = fx.load(path, s.version_info()["dim"])  # rewritten, valid, matching the table
-    assert index.ntotal == 80 and meta["lance_version"] == fresh.vectors_table().version
+    assert index.ntotal == 80 and meta["lance_version"] == fresh.storage.vectors_table().version
     if damage != "stale":
         assert meta["reason"] == "missing" and meta["problem"]
 
@@ -177,7 +178,7 @@ def test_empty_store_and_growth_switches_index_type(photo_store, monkeypatch):
     monkeypatch.setattr(fx, "HNSW_MAX", 10_000)
     ids, _, X = s.vectors()
     s.remove(ids=ids[60:].tolist())
-    assert s.build_index(progress=False)["factory"] == "HNSW32,Flat"
+    assert s.build_index(progress=False).factory == "HNSW32,Flat"
     s.remove(ids=ids[:59].tolist())  # 1 left: auto choice falls back to exact
     assert s.search_vectors(X[59], k=3)[1][0].tolist() == [ids[59], -1, -1]
     assert _meta(s)["factory"] == "Flat"
@@ -200,14 +201,14 @@ def test_where_filters_return_k_matching_hits(labeled_store):
     ids, paths, X = s.vectors()
     q = X[[_class_of(p) for p in paths].index("rocket")]  # a query far from the filtered class
     hits = s.search(vector=q, k=5, where="label = 'cat'")
-    assert len(hits) == 5 and all(h["label"] == "cat" and _class_of(h["path"]) == "chelsea" for h in hits)
+    assert len(hits) == 5 and all(h.label == "cat" and _class_of(h.path) == "chelsea" for h in hits)
     assert len(s.search(vector=q, k=50, where="label = 'cat'")) == 10  # every match, no more
     hits = s.search(vector=q, k=30, where="label IS NULL AND path LIKE '%coffee%'")
-    assert len(hits) == 10 and all(_class_of(h["path"]) == "coffee" and h["label"] is None for h in hits)
+    assert len(hits) == 10 and all(_class_of(h.path) == "coffee" and h.label is None for h in hits)
     assert len(s.search(vector=q, k=7, where="prediction IS NULL AND size > 0")) == 7  # no predictions table yet
     assert s.search(vector=q, k=5, where="label = 'dog'") == []
     hits = s.search(id=int(ids[0]), k=9, where="label = 'person'")  # stored id: itself left out
-    assert len(hits) == 9 and ids[0] not in [h["id"] for h in hits]
+    assert len(hits) == 9 and ids[0] not in [h.id for h in hits]
 
 
 def test_where_with_ann_index_selector_path(labeled_store, monkeypatch):
@@ -217,10 +218,10 @@ def test_where_with_ann_index_selector_path(labeled_store, monkeypatch):
     _, paths, X = s.vectors()
     q = X[[_class_of(p) for p in paths].index("rocket")]
     hits = s.search(vector=q, k=8, where="label = 'cat' OR label = 'person'")
-    assert len(hits) == 8 and {h["label"] for h in hits} <= {"cat", "person"}
-    s.remove(ids=[h["id"] for h in hits[:3]])
+    assert len(hits) == 8 and {h.label for h in hits} <= {"cat", "person"}
+    s.remove(ids=[h.id for h in hits[:3]])
     hits2 = s.search(vector=q, k=20, where="label = 'cat' OR label = 'person'")
-    assert len(hits2) == 17 and not {h["id"] for h in hits[:3]} & {h["id"] for h in hits2}
+    assert len(hits2) == 17 and not {h.id for h in hits[:3]} & {h.id for h in hits2}
 
 
 def test_bad_where_is_one_line(labeled_store):
@@ -238,10 +239,10 @@ def test_duplicates_finds_a_resized_copy(photo_store, tmp_path):
     Image.open(paths[12]).resize((230, 230)).save(copy)
     s.add([copy], progress=False)
     pairs = s.duplicates(threshold=0.9)
-    assert pairs and pairs[0]["score"] >= 0.9
-    assert {(p["path_a"], p["path_b"]) for p in pairs} & {(paths[12], str(copy.resolve()))}
-    assert [p["score"] for p in pairs] == sorted((p["score"] for p in pairs), reverse=True)
-    assert all(p["id_a"] < p["id_b"] for p in pairs)
+    assert pairs and pairs[0].score >= 0.9
+    assert {(p.path_a, p.path_b) for p in pairs} & {(paths[12], str(copy.resolve()))}
+    assert [p.score for p in pairs] == sorted((p.score for p in pairs), reverse=True)
+    assert all(p.id_a < p.id_b for p in pairs)
     with pytest.raises(InvalidArgumentError, match="threshold"):
         s.duplicates(threshold=1.5)
 
@@ -258,23 +259,23 @@ def clip_store(tmp_path_factory, photo_dir):
 def test_text_search_with_open_clip(clip_store):
     hits = clip_store.search(text="a photo of a cat", k=5)
     ids = set(clip_store.vectors().ids.tolist())
-    assert len(hits) == 5 and {h["id"] for h in hits} <= ids
-    assert all(-1.0 <= h["score"] <= 1.0 for h in hits)
+    assert len(hits) == 5 and {h.id for h in hits} <= ids
+    assert all(-1.0 <= h.score <= 1.0 for h in hits)
     q = clip_store.backbone.embed_texts(["a photo of a cat"])
-    assert [h["id"] for h in hits] == [h["id"] for h in clip_store.search(vector=q[0], k=5)]
+    assert [h.id for h in hits] == [h.id for h in clip_store.search(vector=q[0], k=5)]
 
 
 # ---- GPU ----------------------------------------------------------------------------------
 def test_gpu_flag(photo_store):
     if fx.gpu_available():
         d = photo_store.build_index(factory="IVF4,Flat", gpu=True, progress=False)
-        assert d["gpu"]
+        assert d.gpu
         _, paths, _ = photo_store.vectors()
-        assert photo_store.search(image=paths[0], k=1)[0]["path"] == paths[0]
+        assert photo_store.search(image=paths[0], k=1)[0].path == paths[0]
     else:
         with pytest.raises(NotSupportedError, match="no GPU"):
             photo_store.build_index(gpu=True)
-        assert photo_store.build_index(gpu=None, progress=False)["gpu"] is False
+        assert photo_store.build_index(gpu=None, progress=False).gpu is False
 
 
 # ---- CLI ----------------------------------------------------------------------------------

@@ -57,19 +57,19 @@ def photo_subset(photo_dir: Path, dst: Path, n: int) -> list[Path]:
 
 
 def table_rows(store, name: str, columns) -> dict:
-    t = store.read_table(name, columns)
+    t = store.storage.read_table(name, columns)
     return {c: t.column(c).to_pylist() for c in columns}
 
 
 def assert_consistent(store, n: int) -> None:
     """Exactly n images, n vectors, ids unique, no duplicate rows, every image has exactly one vector."""
     imgs = table_rows(store, "images", ["id", "path", "hash"])
-    vids = store.vectors_table().search().select(["id"]).limit(None).to_arrow().column("id").to_pylist()
+    vids = store.storage.vectors_table().search().select(["id"]).limit(None).to_arrow().column("id").to_pylist()
     assert len(imgs["id"]) == n and len(vids) == n
     assert len(set(imgs["id"])) == n and len(set(imgs["path"])) == n and len(set(imgs["hash"])) == n
     assert len(set(vids)) == n and set(vids) == set(imgs["id"])
     info = store.info()
-    assert info["images"] == info["vectors"] == n
+    assert info.images == info.vectors == n
 
 
 @pytest.fixture()
@@ -155,15 +155,15 @@ def test_bad_files_are_recorded_and_the_run_continues(new_store, photo_dir, tmp_
     expected = make_bad_files(tmp_path / "in", good[0])
     r = new_store.add([tmp_path / "in"], progress=False)
     assert r.added == 2 and r.errors == len(expected)
-    by_name = {Path(e["path"]).name: e["error"] for e in r.error_list}
+    by_name = {Path(e.path).name: e.error for e in r.error_list}
     assert set(by_name) == set(expected)
     for name, fragment in expected.items():
         assert fragment in by_name[name], (name, by_name[name])
         assert "\n" not in by_name[name]
     assert_consistent(new_store, 2)
-    recorded = {Path(e["path"]).name: e["error"] for e in new_store.errors()}
+    recorded = {Path(e.path).name: e.error for e in new_store.errors()}
     assert set(recorded) == set(expected)
-    assert new_store.info()["errors"] == len(expected)
+    assert new_store.info().errors == len(expected)
 
     # known-bad bytes are not retried; a fixed file at the same path is
     r2 = new_store.add([tmp_path / "in"], progress=False)
@@ -181,7 +181,7 @@ def test_all_bad_input_raises(new_store, photo_dir, tmp_path):
         new_store.add([tmp_path / "bad"], progress=False)
     msg = str(e.value)
     assert msg.startswith(f"none of the {len(expected)} file(s) could be read as images") and "\n" not in msg
-    assert new_store.info()["images"] == 0 and new_store.info()["errors"] == len(expected)
+    assert new_store.info().images == 0 and new_store.info().errors == len(expected)
 
 
 # ---- SIGKILL mid-ingest, then resume ----------------------------------------------------------
@@ -189,8 +189,8 @@ def test_all_bad_input_raises(new_store, photo_dir, tmp_path):
 # 160 px) with seeded random weights from a local --weights file: ~10x cheaper per image than lite0.
 INGEST = """
 import json, sys
-import embedstore, embedstore.store
-embedstore.store.COMMIT_EVERY = 16  # commit often, so the kill lands between commits
+import embedstore, embedstore.ingest.ingest
+embedstore.ingest.ingest.COMMIT_EVERY = 16  # commit often, so the kill lands between commits
 s = embedstore.open(sys.argv[1], backbone="timm:test_efficientnet", weights=sys.argv[3], device="cpu")
 r = s.add([sys.argv[2]], batch_size=8, workers=0, progress=False)
 print(json.dumps(r.to_dict()))
@@ -239,7 +239,7 @@ def test_sigkill_mid_ingest_then_resume(tmp_path):
     assert 32 <= done < n, "the kill must land mid-ingest"
 
     store = embedstore.open(root, create=False)
-    assert store.info()["images"] == n  # every file was recorded before embedding began
+    assert store.info().images == n  # every file was recorded before embedding began
     assert len(store.pending_images()) == n - done
     r = store.add([src], batch_size=8, progress=False)
     assert (r.added, r.resumed, r.skipped_duplicates, r.errors) == (0, n - done, n, 0)
@@ -320,7 +320,7 @@ def test_backbone_mismatch_on_reopen(photo_store_path):
     assert "holds vectors of offline:efficientnet_lite0" in msg and "got openclip:ViT-B-32/random" in msg
     assert "Omit --backbone/--weights" in msg and "\n" not in msg
     # naming the store's own backbone is fine
-    assert embedstore.open(photo_store_path, backbone="offline:efficientnet_lite0").info()["vectors"] == 80
+    assert embedstore.open(photo_store_path, backbone="offline:efficientnet_lite0").info().vectors == 80
 
 
 def test_changed_weights_file_is_refused(tmp_path):
@@ -343,7 +343,7 @@ def test_changed_weights_file_is_refused(tmp_path):
     reopened = embedstore.open(root, create=False)
     with pytest.raises(BackboneMismatchError, match="now loads as version .* restore the original weights"):
         reopened.add([noise_image(tmp_path / "b.png", 2)], progress=False)
-    assert reopened.info()["vectors"] == 1
+    assert reopened.info().vectors == 1
 
 
 def test_open_missing_and_non_store_dirs(tmp_path):
@@ -381,7 +381,7 @@ def test_vectors_ids_paths_shapes_and_norms(photo_store_path, photo_labels):
     assert X.dtype == np.float32 and X.shape == (80, 1280) and len(paths) == 80 and len(vs) == 80
     assert sorted(paths) == sorted(photo_labels)
     np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5)
-    assert vs.version == store.active_version == store.info()["version"]
+    assert vs.version == store.active_version == store.info().version
 
     pick = [int(ids[5]), int(ids[0]), 10**9]  # unknown ids are left out
     sub = store.vectors(ids=pick)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from embedstore.errors import InvalidArgumentError
 from embedstore.labels.suggest import select
+from embedstore.results import Suggestion
 
 
 def _groups(photo_labels):
@@ -33,12 +34,12 @@ def _add_near_duplicate(store, path, tmp_path):
 def test_suggest_without_labels_is_diverse_and_deduplicated(photo_store, photo_labels, tmp_path):
     pair = _add_near_duplicate(photo_store, _groups(photo_labels)["coffee"][5], tmp_path)
     res = photo_store.suggest(8)
-    ids = [r["id"] for r in res]
+    ids = [r.id for r in res]
     assert len(ids) == 8 == len(set(ids))
     assert len(pair & set(ids)) <= 1
     # 8 k-means++ picks out of 8 photo classes cover most of them
     truth = {p: c for p, c in photo_labels.items()}
-    assert len({truth.get(r["path"], "dup") for r in res}) >= 5
+    assert len({truth.get(r.path, "dup") for r in res}) >= 5
 
 
 def test_suggest_with_labels(photo_store, photo_labels, tmp_path):
@@ -49,17 +50,17 @@ def test_suggest_with_labels(photo_store, photo_labels, tmp_path):
     pair = _add_near_duplicate(photo_store, g["rocket"][4], tmp_path)
     labeled = set(photo_store.labels())
     res = photo_store.suggest(80)  # more than there are: every unlabeled non-duplicate at most once
-    ids = [r["id"] for r in res]
+    ids = [r.id for r in res]
     assert len(ids) == len(set(ids)) and not (set(ids) & labeled)
     assert len(pair & set(ids)) == 1
     n_unlabeled = photo_store.count_images() - len(labeled)
     assert len(ids) == n_unlabeled - 1
     for r in res:
-        assert set(r) >= {"id", "path", "score", "reason", "prediction", "margin"}
-    scores = [r["score"] for r in res[:5]]
+        assert isinstance(r, Suggestion) and set(r.to_dict()) >= {"id", "path", "score", "reason", "prediction", "margin"}
+    scores = [r.score for r in res[:5]]
     assert scores[0] > 0
     # the first picks are far from what is labeled: none of the three well-labeled classes leads
-    first = [photo_labels.get(r["path"]) for r in res[:5]]
+    first = [photo_labels.get(r.path) for r in res[:5]]
     assert sum(c in ("astronaut", "chelsea", "coffee") for c in first) <= 1
     with pytest.raises(InvalidArgumentError):
         photo_store.suggest(0)

@@ -30,7 +30,7 @@ def open_app(store, monkeypatch, page: str | None = None) -> AppTest:
 
 
 def ids_by_path(store) -> dict[str, int]:
-    t = store.read_table("images", ["id", "path"])
+    t = store.storage.read_table("images", ["id", "path"])
     return dict(zip(t.column("path").to_pylist(), t.column("id").to_pylist()))
 
 

@@ -1,8 +1,9 @@
-"""What every page shares: the cached store, cached tables, the paged thumbnail grid, safe writes.
+"""What every page shares: the cached store, cached reads, the paged thumbnail grid, safe writes.
 
 Caching: the Store (with its loaded backbone and FAISS index) is a `st.cache_resource`, one per process.
-Tables are `st.cache_data` keyed on the LanceDB table's version, so a rerun reads nothing from disk
-unless a table changed (a write by this UI or by the CLI bumps the version and the next rerun sees it).
+Reads (ids, labels, classes, predictions) are `st.cache_data` keyed on `store.data_versions()`, so a rerun
+reads nothing from disk unless the data changed (a write by this UI or by the CLI bumps a data version
+and the next rerun sees it). Results of the Store are read by attribute (embedstore/results.py).
 """
 
 from __future__ import annotations
@@ -62,38 +63,43 @@ def call(store, method: str, *args, default=None, **kw):
         return default
 
 
-# ---- cached tables (keyed on LanceDB table versions) ---------------------------------------------
-def table_version(store, name: str) -> int:
-    t = store.table(name)
-    return -1 if t is None else int(t.version)
+# ---- cached reads (keyed on store.data_versions()) ---------------------------------------------
+def data_versions(store) -> dict:
+    """{"version", "vectors", "labels", "predictions", "images"}: the active version and the data versions
+    of what it holds; any write bumps one, so they are the cache keys of every read below."""
+    return store.data_versions()
 
 
-def vectors_key(store) -> tuple[str, int]:
-    return store.active_version, table_version(store, f"vectors_{store.active_version}")
+def data_key(store, *parts: str) -> tuple:
+    """The cache key of a read that depends on `parts` (e.g. "labels", "predictions")."""
+    dv = data_versions(store)
+    return tuple((p, dv.get(p)) for p in parts)
+
+
+def embeddings_key(store) -> tuple:
+    """The cache key of anything computed from the active version's vectors."""
+    return data_key(store, "version", "vectors")
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def _ids(root: str, key: tuple, _store) -> np.ndarray:
-    vt = _store.vectors_table()
-    if vt is None:
-        return np.zeros(0, np.int64)
-    ids = vt.search().select(["id"]).limit(None).to_arrow().column("id").to_numpy()
-    return np.sort(ids)
+    # the Store has no ids-only read; the vectors are dropped here and only the ids are cached
+    return np.sort(np.asarray(_store.vectors().ids, dtype=np.int64))
 
 
 def image_ids(store) -> np.ndarray:
-    """Sorted ids of every image with a vector in the active version (ids only: 8 bytes an image)."""
-    return _ids(str(store.root), vectors_key(store), store)
+    """Sorted ids of every image with a vector in the active version (cached: 8 bytes an image)."""
+    return _ids(str(store.root), embeddings_key(store), store)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def _labels(root: str, key: int, _store) -> dict[int, str]:
+def _labels(root: str, key: tuple, _store) -> dict[int, str]:
     return {int(k): v for k, v in (_store.labels(source=None) or {}).items()}
 
 
 def labels(store) -> dict[int, str]:
     """id -> label, of every source (human, model)."""
-    return _labels(str(store.root), table_version(store, "labels"), store)
+    return _labels(str(store.root), data_key(store, "labels"), store)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -102,21 +108,21 @@ def _classes(root: str, key: tuple, _store) -> list[str]:
 
 
 def classes(store) -> list[str]:
-    return _classes(str(store.root), (table_version(store, "labels"), table_version(store, "predictions")), store)
+    return _classes(str(store.root), data_key(store, "labels", "predictions"), store)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def _class_counts(root: str, key: int, _store) -> dict[str, int]:
+def _class_counts(root: str, key: tuple, _store) -> dict[str, int]:
     return dict(_store.class_counts())
 
 
 def class_counts(store) -> dict[str, int]:
     """class -> number of labeled images."""
-    return _class_counts(str(store.root), table_version(store, "labels"), store)
+    return _class_counts(str(store.root), data_key(store, "labels"), store)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def _predictions(root: str, key: int, _store) -> pd.DataFrame:
+def _predictions(root: str, key: tuple, _store) -> pd.DataFrame:
     t = _store.predictions()
     if t is None or t.num_rows == 0:
         return pd.DataFrame(columns=["id", "label", "confidence", "head"])
@@ -126,11 +132,11 @@ def _predictions(root: str, key: int, _store) -> pd.DataFrame:
 
 def predictions(store) -> pd.DataFrame:
     """One row per image: id (also the index), label (None = abstained), confidence, head."""
-    return _predictions(str(store.root), table_version(store, "predictions"), store)
+    return _predictions(str(store.root), data_key(store, "predictions"), store)
 
 
 def annotate(store, ids: Sequence[int]) -> tuple[list, list]:
-    """(labels, predicted labels) for these ids, from the cached tables; None where there is none."""
+    """(labels, predicted labels) for these ids, from the cached reads; None where there is none."""
     lab = labels(store)
     return [lab.get(int(i)) for i in ids], _lookup(predictions(store), "label", ids)
 

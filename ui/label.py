@@ -17,13 +17,18 @@ def _new_batch(store, n: int) -> None:
 
 
 def _batch(store, n: int) -> list[dict]:
+    """The batch on screen: [{id, reason, prediction}] from `store.suggest` (Suggestion results), or the
+    first unlabeled images while no suggestion is possible yet."""
     b = st.session_state.get("label_batch")
     if b is None:
         with st.spinner("choosing images to label…"):
-            b = common.call(store, "suggest", n, default=None)
-        if b is None:  # no suggestions possible yet: the first unlabeled images
+            sugg = common.call(store, "suggest", n, default=None)
+        if sugg is not None:
+            b = [{"id": int(s.id), "reason": s.reason, "prediction": s.prediction} for s in sugg]
+        else:
             lab = common.labels(store)
-            b = [{"id": int(i), "reason": "unlabeled"} for i in common.image_ids(store) if int(i) not in lab][:n]
+            b = [{"id": int(i), "reason": "unlabeled", "prediction": None}
+                 for i in common.image_ids(store) if int(i) not in lab][:n]
         st.session_state["label_batch"] = b
     return b
 
@@ -61,8 +66,8 @@ def render(store) -> None:
     lab, pred = common.annotate(store, ids)
     items = []
     for b, l, p, c in zip(batch, lab, pred, common.confidences(store, ids)):
-        p = p or b.get("prediction")
-        why = (b.get("reason") or "").split(" (")[0]
+        p = p or b["prediction"]
+        why = (b["reason"] or "").split(" (")[0]
         items.append({"id": b["id"], "caption": f"#{b['id']} {common.describe(l, p, c)} · {why}".strip()})
 
     with st.container(border=True):

@@ -1,7 +1,7 @@
 """Map: a 2-D projection (PCA, or UMAP when installed) of a sample of the embeddings.
 
 Coloured by label or prediction; hovering a point shows its thumbnail; dragging a box over a region
-lists the images inside it. The projection is cached per vectors-table version and sample size.
+lists the images inside it. The projection is cached per data version of the vectors and sample size.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def render(store) -> None:
     if total > 200:
         n = int(c3.select_slider("points", [v for v in (200, 500, 1000, 2000, 5000, 10000) if v < total] + [total],
                                  value=min(total, 1000), key="map_n"))
-    df = _layout(str(store.root), common.vectors_key(store), n, method, store).copy()
+    df = _layout(str(store.root), common.embeddings_key(store), n, method, store).copy()
     lab, pred = common.annotate(store, df["id"].tolist())
     df["label"] = [l or UNLABELED for l in lab]
     df["prediction"] = [l or p or common.UNKNOWN for l, p in zip(lab, pred)]

@@ -1,7 +1,7 @@
 """Review: predictions per class by confidence, the unknown bucket, bulk accept/correct, and why.
 
 "why" opens `store.explain(id)`: the nearest labeled examples behind a prediction. Counts come from the
-cached predictions/labels tables; the confusion view from the latest stored `evaluate` run.
+cached predictions and labels; the confusion view from the latest stored `evaluate` run (an EvalRun).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ def _explain(store, i: int) -> None:
         c1, c2 = st.columns([6, 1])
         c1.subheader(f"Why image #{i}?")
         c2.button("close", key="review_explain_close", on_click=_close_explain)
-        ex = common.call(store, "explain", i, k=6)
-        if not ex:
+        ex = common.call(store, "explain", i, k=6)  # an Explanation
+        if ex is None:
             return
-        p = ex.get("prediction") or {}
+        p = ex.prediction or {}  # {label, confidence, head} when a prediction is persisted
         st.markdown(
-            f"label: **{ex.get('label') or '—'}** · prediction: **{p.get('label') or common.UNKNOWN}**"
+            f"label: **{ex.label or '—'}** · prediction: **{p.get('label') or common.UNKNOWN}**"
             + (f" ({p['confidence']:.2f}, {p.get('head', '')})" if p.get("confidence") is not None else "")
         )
         q, rest = st.columns([1, 5])
@@ -39,13 +39,12 @@ def _explain(store, i: int) -> None:
             q.image(str(f), caption=f"#{i}", width="stretch")
         with rest:
             st.caption("nearest labeled examples")
-            items = [{"id": n["id"], "caption": f"{n['similarity']:.3f} · ✓ {n['label']}"} for n in ex.get("neighbors", [])]
+            items = [{"id": n.id, "caption": f"{n.similarity:.3f} · ✓ {n.label}"} for n in ex.neighbors]
             common.grid(store, items, "review_ex", neighbours=False)
-        sims = ex.get("class_similarity") or {}
-        if sims:
-            df = pd.DataFrame(sims).T.rename_axis("class")
-            if ex.get("prompt_scores"):
-                df = df.join(pd.DataFrame(ex["prompt_scores"]).T.add_prefix("prompt_"))
+        if ex.class_similarity:
+            df = pd.DataFrame(ex.class_similarity).T.rename_axis("class")
+            if ex.prompt_scores:
+                df = df.join(pd.DataFrame(ex.prompt_scores).T.add_prefix("prompt_"))
             st.dataframe(df, width="stretch")
 
 
@@ -66,39 +65,26 @@ def _evaluation(store) -> None:
     if not hist:
         st.caption("no evaluation yet: press the button, or run `embedstore eval STORE`")
         return
-    last = hist[-1]
-    conf = _find(last, "confusion")
-    if conf:
-        classes, M = conf.get("classes"), conf.get("matrix")
-        if classes and M:
-            import plotly.express as px
+    last = hist[-1]  # the latest EvalRun
+    conf = last.confusion  # {head, shots, classes, matrix (rows true, columns predicted)} or None
+    if conf and conf.get("classes") and conf.get("matrix"):
+        import plotly.express as px
 
-            fig = px.imshow(M, x=classes, y=classes, text_auto=True, color_continuous_scale="Blues",
-                            labels={"x": "predicted", "y": "true", "color": "images"})
-            fig.update_layout(height=120 + 32 * len(classes), margin=dict(l=0, r=0, t=30, b=0),
-                              title=f"confusion ({conf.get('head', last.get('best_head', ''))})")
-            st.plotly_chart(fig)
+        classes = conf["classes"]
+        fig = px.imshow(conf["matrix"], x=classes, y=classes, text_auto=True, color_continuous_scale="Blues",
+                        labels={"x": "predicted", "y": "true", "color": "images"})
+        fig.update_layout(height=120 + 32 * len(classes), margin=dict(l=0, r=0, t=30, b=0),
+                          title=f"confusion ({conf.get('head') or last.best_head or ''})")
+        st.plotly_chart(fig)
     from .store import curve_rows
 
     curve = pd.DataFrame(curve_rows(last))
     if not curve.empty:
-        st.caption(f"few-shot accuracy by head and labeled images per class ({last.get('n_labels', '?')} labels, "
-                   f"best: {last.get('best_head')})")
+        st.caption(f"few-shot accuracy by head and labeled images per class ({last.n_labels} labels, "
+                   f"best: {last.best_head})")
         st.dataframe(curve.pivot_table(index="head", columns="shots", values="accuracy"), width="stretch")
     elif not conf:
-        st.json(last, expanded=False)
-
-
-def _find(d, key):
-    """The first value under `key` anywhere in a nested eval result (its layout belongs to evaluate.py)."""
-    if isinstance(d, dict):
-        if key in d:
-            return d[key]
-        for v in d.values():
-            r = _find(v, key)
-            if r is not None:
-                return r
-    return None
+        st.json(last.to_dict(), expanded=False)
 
 
 def _apply(store, ids: list[int], cls: str, verb: str) -> None:

@@ -85,7 +85,7 @@ def where_clause(f_lab: set, f_pred: set) -> str | None:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _run_search(root: str, vkey: tuple, tkey: tuple, qkey: tuple, k: int, where: str | None, _store, _q: dict) -> list[dict]:
+def _run_search(root: str, vkey: tuple, tkey: tuple, qkey: tuple, k: int, where: str | None, _store, _q: dict) -> list:
     kw = {"k": k, "where": where}
     if "image" in _q:
         kw["image"] = Image.open(io.BytesIO(_q["image"])).convert("RGB")
@@ -93,22 +93,22 @@ def _run_search(root: str, vkey: tuple, tkey: tuple, qkey: tuple, k: int, where:
         kw["text"] = _q["text"]
     else:
         kw["id"] = _q["id"]
-    return _store.search(**kw)
+    return _store.search(**kw)  # list[Hit]
 
 
 def _results(store, q: dict, k: int, f_lab: set, f_pred: set) -> None:
     qkey = tuple(sorted((a, b) for a, b in q.items() if a != "image"))
-    tkey = (common.table_version(store, "labels"), common.table_version(store, "predictions"))
+    tkey = common.data_key(store, "labels", "predictions")
     try:
         with st.spinner("searching…"):
-            hits = _run_search(str(store.root), common.vectors_key(store), tkey, qkey, k, where_clause(f_lab, f_pred),
+            hits = _run_search(str(store.root), common.embeddings_key(store), tkey, qkey, k, where_clause(f_lab, f_pred),
                                store, q)
     except common.EmbedstoreError as e:
         st.error(str(e))
         return
-    conf = common.confidences(store, [h["id"] for h in hits])
-    shown = [{"id": h["id"], "caption": f"{h['score']:.3f} · #{h['id']} "
-              + common.describe(h.get("label"), h.get("prediction"), c)} for h, c in zip(hits, conf)]
+    conf = common.confidences(store, [h.id for h in hits])
+    shown = [{"id": h.id, "caption": f"{h.score:.3f} · #{h.id} " + common.describe(h.label, h.prediction, c)}
+             for h, c in zip(hits, conf)]
     what = "other images nearest to it" if "id" in q else "nearest images"
     st.caption(f"{len(shown)} {what} (cosine similarity)" + (" matching the filters" if f_lab or f_pred else ""))
     common.grid(store, shown, "search_res")
@@ -134,7 +134,7 @@ def render(store) -> None:
     c1, c2 = st.columns([1, 1])
     c1.file_uploader("search by image", type=["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"],
                      key="search_upload", on_change=_on_upload)
-    if store.version_info().get("text"):
+    if store.has_text:
         c2.text_input("search by text", key="search_text", on_change=_on_text,
                       placeholder="a photo of a cat", help="needs a CLIP backbone (it has one)")
     else:

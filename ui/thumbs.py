@@ -1,6 +1,6 @@
 """Thumbnails, made once per image into STORE/thumbs/<id>.jpg and reused by every page.
 
-Paths are always looked up by image id in the store's `images` table: the UI never opens a path that a
+Paths are always looked up by image id (`store.paths_for`): the UI never opens a path that a
 user typed, so it can show nothing that is not in the store. Ids are never reused (a replaced file gets a
 new id), so a cached thumbnail never goes stale.
 """
@@ -40,12 +40,11 @@ def _make(src: str, dst: Path, size: int = SIZE) -> Path | None:
 
 
 def lookup_paths(store, ids: Sequence[int]) -> dict[int, str]:
-    """id -> source path for just these ids (one filtered read, never the whole table)."""
+    """id -> source path for just these ids (ids not in the store are left out)."""
     ids = [int(i) for i in ids]
     if not ids:
         return {}
-    t = store.read_table("images", ["id", "path"], where=f"id IN ({', '.join(map(str, ids))})")
-    return {} if t is None else dict(zip(t.column("id").to_pylist(), t.column("path").to_pylist()))
+    return {i: p for i, p in zip(ids, store.paths_for(ids)) if p}
 
 
 def thumbnails(store, ids: Sequence[int], workers: int = 4) -> dict[int, Path | None]:

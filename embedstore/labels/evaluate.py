@@ -17,7 +17,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from sklearn.metrics import confusion_matrix
@@ -28,9 +28,6 @@ from embedstore.labels.heads import HEADS
 from embedstore.progress import progress_bar
 from embedstore.results import EvalRun
 from embedstore.storage import Storage
-
-if TYPE_CHECKING:  # for annotations only: classify.py calls into this module
-    from embedstore.labels.classify import ClassifyService
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 TEXT_HEADS = ("zeroshot", "fused")
@@ -116,7 +113,7 @@ def run_episodes(
 
 
 def evaluate(
-    clf: "ClassifyService",
+    clf,
     shots: Sequence[int] = DEFAULT_SHOTS,
     episodes: int = 10,
     heads: Sequence[str] | None = None,

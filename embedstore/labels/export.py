@@ -14,20 +14,15 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
 from embedstore.errors import InvalidArgumentError
 from embedstore.results import ExportResult
-
-if TYPE_CHECKING:  # for annotations only: classify.py calls into this module
-    from embedstore.labels.classify import ClassifyService
 
 FORMATS = ("csv", "json", "imagefolder")
 INCLUDE = ("all", "labels", "predictions")
 COLUMNS = ("id", "path", "label", "source", "confidence", "head")
 
 
-def export_rows(clf: "ClassifyService", include: str = "all") -> list[dict]:
+def export_rows(clf, include: str = "all") -> list[dict]:
     """Labeled images first-class, then predictions for images without a label; sorted by id."""
     if include not in INCLUDE:
         raise InvalidArgumentError(f"unknown include {include!r}; use one of {', '.join(INCLUDE)}")
@@ -49,7 +44,7 @@ def export_rows(clf: "ClassifyService", include: str = "all") -> list[dict]:
 
 
 def export(
-    clf: "ClassifyService", fmt: str, out: str | os.PathLike, include: str = "all", link: bool = False, overwrite: bool = False
+    clf, fmt: str, out: str | os.PathLike, include: str = "all", link: bool = False, overwrite: bool = False
 ) -> ExportResult:
     """Write the export (csv, json or imagefolder)."""
     if fmt not in FORMATS:

@@ -51,7 +51,7 @@ class LabelService:
     def _resolve_each(self, items: list, base: str | os.PathLike | None = None) -> list[list[int]]:
         """Per item, the ids it names (empty when not in the store); one read of the images table."""
         by_path, by_hash = self.storage.image_index()
-        known = set(by_path.values())
+        known = self.storage.image_ids()
         base = Path(base) if base is not None else Path.cwd()
         out: list[list[int]] = []
         for it in items:

@@ -13,15 +13,10 @@ representative), again without duplicates.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from embedstore.errors import InvalidArgumentError
 from embedstore.results import Suggestion
-
-if TYPE_CHECKING:  # for annotations only: classify.py calls into this module
-    from embedstore.labels.classify import ClassifyService
 
 WEIGHTS = {"uncertainty": 0.5, "diversity": 0.35, "balance": 0.15}
 
@@ -103,7 +98,7 @@ def kmeanspp(X: np.ndarray, n: int, seed: int = 0, dedup: float = 0.99) -> list[
 
 
 def suggest(
-    clf: "ClassifyService", n: int = 24, head: str = "knn", weights: dict | None = None, dedup: float = 0.99, seed: int = 0
+    clf, n: int = 24, head: str = "knn", weights: dict | None = None, dedup: float = 0.99, seed: int = 0
 ) -> list[Suggestion]:
     """Up to n unlabeled, non-duplicate images to label next, best first."""
     if n < 1:

@@ -137,25 +137,7 @@ def build(
 
     t0 = time.perf_counter()
     if not index.is_trained:
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:
-            if n < ivf.nlist:
-                raise InvalidArgumentError(
-                    f"factory {factory!r} needs at least {ivf.nlist} vectors to train its lists, the store has {n}; "
-                    f"use fewer lists (e.g. 'IVF{max(1, 2 ** int(math.log2(max(1, n // 39))))},Flat') or 'Flat'"
-                )
-            ivf.cp.niter = KMEANS_ITER
-            ivf.cp.seed = seed
-        rng = np.random.default_rng(seed)
-        nt = min(n, TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 256))
-        xt = X if nt == n else X[np.sort(rng.choice(n, nt, replace=False))]
-        if gpu:
-            index, used_gpu = _train_add_gpu(index, xt, X, ids, progress)
-        if not used_gpu:
-            try:
-                index.train(xt)
-            except RuntimeError as e:
-                raise InvalidArgumentError(f"cannot train {factory!r} on {n} vectors ({_first_line(e)}); {FACTORY_HINT}") from None
+        index, used_gpu = _train(index, X, ids, factory, gpu=gpu, seed=seed, progress=progress)
     times["train"] = time.perf_counter() - t0
 
     # hold a sample out of the index, tune the search parameter with it as queries, then add it
@@ -196,6 +178,33 @@ def build(
         "gpu_built": used_gpu,
     }
     return index, meta
+
+
+def _train(index, X: np.ndarray, ids: np.ndarray, factory: str, *, gpu: bool, seed: int, progress) -> tuple[faiss.Index, bool]:
+    """Train an untrained index on a seeded sample of X (TRAIN_PER_LIST per list); on the GPU when asked
+    (which also fills it: returns used_gpu=True)."""
+    n = len(X)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        if n < ivf.nlist:
+            raise InvalidArgumentError(
+                f"factory {factory!r} needs at least {ivf.nlist} vectors to train its lists, the store has {n}; "
+                f"use fewer lists (e.g. 'IVF{max(1, 2 ** int(math.log2(max(1, n // 39))))},Flat') or 'Flat'"
+            )
+        ivf.cp.niter = KMEANS_ITER
+        ivf.cp.seed = seed
+    rng = np.random.default_rng(seed)
+    nt = min(n, TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 256))
+    xt = X if nt == n else X[np.sort(rng.choice(n, nt, replace=False))]
+    if gpu:
+        index, used_gpu = _train_add_gpu(index, xt, X, ids, progress)
+        if used_gpu:
+            return index, True
+    try:
+        index.train(xt)
+    except RuntimeError as e:
+        raise InvalidArgumentError(f"cannot train {factory!r} on {n} vectors ({_first_line(e)}); {FACTORY_HINT}") from None
+    return index, False
 
 
 def _train_add_gpu(index, xt, X, ids, progress) -> tuple[faiss.Index, bool]:
