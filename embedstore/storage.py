@@ -360,6 +360,14 @@ class Storage:
             return None
         return (s.st_ino, s.st_mtime_ns)
 
+    def read_with_paths(self, name: str) -> pa.Table:
+        """A whole per-image table (labels, predictions) sorted by id, plus each image's path ("" if gone)."""
+        t = self.read_table(name)
+        t = (self._schema(name).empty_table() if t is None else t).sort_by("id")
+        ids = t.column("id").to_pylist()
+        lookup = self.paths_for(ids)
+        return t.append_column("path", pa.array([lookup.get(i, "") for i in ids], pa.string()))
+
     # ---- images ------------------------------------------------------------------------------
     def paths_for(self, ids: Sequence[int]) -> dict[int, str]:
         """{id: path} of the given image ids (those in the store)."""

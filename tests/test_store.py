@@ -444,7 +444,6 @@ def test_ingest_vectors_equal_query_vectors_threads_and_worker_process(new_store
 def test_gpu_decode_path_matches_pillow_path(tmp_path, photo_dir):
     """The nvJPEG path (run here on the CPU: torchvision's decode_jpeg) gives nearly the vectors of the Pillow
     path; non-JPEGs and bad files take the fallback and the errors table."""
-    import numpy as np
     from PIL import Image
 
     src = sorted(photo_dir.rglob("*.jpg"))[:6]

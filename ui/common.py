@@ -83,8 +83,7 @@ def embeddings_key(store) -> tuple:
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def _ids(root: str, key: tuple, _store) -> np.ndarray:
-    # the Store has no ids-only read; the vectors are dropped here and only the ids are cached
-    return np.sort(np.asarray(_store.vectors().ids, dtype=np.int64))
+    return _store.vector_ids()
 
 
 def image_ids(store) -> np.ndarray:

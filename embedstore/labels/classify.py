@@ -35,7 +35,7 @@ from embedstore.results import (
     Suggestion,
     VectorSet,
 )
-from embedstore.storage import PREDICTIONS_SCHEMA, Storage
+from embedstore.storage import Storage
 
 TEXT_HEADS = ("zeroshot", "fused")
 MAX_UNLABELED = 5_000  # unlabeled vectors a head sees while fitting (transductive heads, centering)
@@ -182,12 +182,7 @@ class ClassifyService:
 
     def predictions(self) -> pa.Table:
         """The persisted predictions (id, label, confidence, head, version, time) plus the image path."""
-        t = self.storage.read_table("predictions")
-        if t is None:
-            t = PREDICTIONS_SCHEMA.empty_table()
-        t = t.sort_by("id")
-        paths = self.storage.paths_for(t.column("id").to_pylist())
-        return t.append_column("path", pa.array([paths.get(i, "") for i in t.column("id").to_pylist()], pa.string()))
+        return self.storage.read_with_paths("predictions")
 
     # ---- explain ---------------------------------------------------------------------------
     def explain(self, id: int | str, k: int = 5) -> Explanation:  # noqa: A002

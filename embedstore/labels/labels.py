@@ -22,7 +22,7 @@ from embedstore.clock import now
 from embedstore.errors import EmptyInputError, InvalidArgumentError
 from embedstore.ingest.images import list_image_files
 from embedstore.results import LabelResult, UnlabelResult
-from embedstore.storage import LABELS_SCHEMA, Storage, content_hash
+from embedstore.storage import Storage, content_hash
 
 SOURCES = ("human", "model")
 
@@ -199,12 +199,7 @@ class LabelService:
 
     def labels_table(self) -> pa.Table:
         """The labels table (id, label, source, time) plus the image path."""
-        t = self.storage.read_table("labels")
-        if t is None:
-            t = LABELS_SCHEMA.empty_table()
-        t = t.sort_by("id")
-        paths = self.storage.paths_for(t.column("id").to_pylist())
-        return t.append_column("path", pa.array([paths.get(i, "") for i in t.column("id").to_pylist()], pa.string()))
+        return self.storage.read_with_paths("labels")
 
     def classes(self) -> list[str]:
         """Classes in use (every label value), sorted."""

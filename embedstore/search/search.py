@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import lancedb
 import numpy as np

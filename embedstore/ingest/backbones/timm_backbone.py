@@ -11,13 +11,7 @@ def preprocess_from_timm(model) -> PreprocessCfg:
     import timm.data
 
     cfg = timm.data.resolve_data_config({}, model=model)
-    return PreprocessCfg(
-        input_size=tuple(cfg["input_size"]),
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        interpolation=cfg.get("interpolation", "bicubic"),
-        crop_pct=float(cfg.get("crop_pct", 0.875)),
-    )
+    return PreprocessCfg.from_dict(cfg)
 
 
 def feature_dim(model) -> int:
