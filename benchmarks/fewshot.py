@@ -1,16 +1,34 @@
-"""Few-shot benchmark: accuracy of every head per shots level on real features, next to scikit-learn.
+"""Few-shot benchmark (issue 12): does `auto` hold up on collections nobody tuned it on?
 
-Features: the packaged offline:efficientnet_lite0 backbone on two real image sets made offline by
-embedstore.samples — scikit-learn digits (100 per class, 10 classes) and scikit-image photo views
-(40 per photo, 8 classes). For each shots level (1, 2, 4, 8, 16) and each of >= 10 seeded episodes, a
-support set of `shots` images per class is drawn; every other image is the query set and, for the
-transductive heads, the unlabeled collection (as in a store: the unlabeled images are there).
-References on the very same vectors: LogisticRegression(), KNeighborsClassifier(min(5, n)),
-NearestCentroid(). Target: auto >= best reference + 0.02, accuracy averaged over the shots levels.
-Embeddings are cached in benchmarks/out/. Prints a table, then one JSON line.
+Six collections, all made offline by embedstore.samples and embedded ONCE with the packaged
+offline:efficientnet_lite0 (cached in benchmarks/out/, git-ignored):
+  digits       scikit-learn digits, 50 per class, 10 classes
+  photos       views (50-100% crops) of 8 scikit-image photos, 40 each
+  photos-hard  patches (15-35%) of the same photos, 40 each
+  glyphs       10 lowercase letters drawn in every installed font (Debian fonts-dejavu-core, fonts-liberation:
+               38 faces here), random size/offset/rotation
+  icons        Adwaita 48x48 icons, classes from the theme's folders (actions, devices, emotes, mimetypes,
+               places, status), up to 60 each (Debian adwaita-icon-theme)
+  textures     grey patches (10-25%) of 8 grey scikit-image pictures (brick, grass, gravel, moon, ...)
+Fonts and icons come from Debian packages (`apt-get install -y fonts-dejavu-core fonts-liberation
+adwaita-icon-theme`); a collection whose files are missing is skipped with a note.
 
-    python benchmarks/fewshot.py                      # ~10 min on 2 busy cores
-    python benchmarks/fewshot.py --episodes 3 --heads centroid,auto
+Per collection, seed (10) and labels per class (1, 2, 4, 8, 16), a stratified random support set; the rest
+is the query set and the unlabeled collection. Reported:
+  accuracy      auto (and --heads) vs scikit-learn LogisticRegression(), 1-NN, NearestCentroid() on the same
+                vectors; "best sk" = the best single one per collection, chosen in hindsight on the mean over shots
+  ECE           expected calibration error (15 bins) of auto's top probability at 1, 2, 4 labels per class,
+                and its mean top probability (collapse to uniform = 1/classes)
+  suggest       from 1 random label per class, rounds of `suggest` (one label per class per round) up to 8 per
+                class; auto's accuracy on the unlabeled rest at each budget. Label efficiency = the first budget
+                (labels per class) where it reaches the accuracy of 8 stratified random labels per class
+  eval estimate evaluate.estimate_unlabeled on those labels (4 and 8 per class, suggest-chosen and random)
+                vs auto's true accuracy on the unlabeled rest
+Prints tables, then one JSON line.
+
+    python benchmarks/fewshot.py            # ~25 min on 2 busy cores
+    python benchmarks/fewshot.py --quick    # 3 seeds, 2 suggest runs: ~5 min
+    python benchmarks/fewshot.py --sets icons,glyphs --heads auto,linear,propagate
 """
 
 from __future__ import annotations
@@ -26,45 +44,41 @@ import numpy as np
 
 OUT = Path(__file__).parent / "out"
 BACKBONE = "offline:efficientnet_lite0"
+SETS = ("digits", "photos", "photos-hard", "glyphs", "icons", "textures")
+ECE_SHOTS = (1, 2, 4)
+AL_BUDGETS = (2, 3, 4, 5, 6, 8)  # labels per class after each suggest round
 
 
-def digits_images(per_class: int, seed: int = 0):
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d, rng = load_digits(), np.random.default_rng(seed)
-    imgs, ys = [], []
-    for c in range(10):
-        for j in rng.permutation(np.flatnonzero(d.target == c))[:per_class]:  # as samples.make_digits
-            arr = (255 - d.images[j] * (255 / 16)).astype(np.uint8)
-            imgs.append(Image.fromarray(arr).resize((64, 64), Image.BILINEAR).convert("RGB"))
-            ys.append(str(c))
-    return imgs, ys
-
-
-def photo_images(per_class: int, seed: int = 0, scale=(0.5, 1.0)):
+def make_images(name: str):
     from embedstore import samples
 
-    rng, imgs, ys = np.random.default_rng(seed), [], []
-    for c in samples.PHOTOS:
-        views = samples.photo_views(samples.photo(c), per_class, rng, 256, scale=scale)
-        imgs += views
-        ys += [c] * len(views)
-    return imgs, ys
+    if name == "digits":
+        import tempfile
+
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as d:
+            lab = samples.make_digits(d, per_class=50)
+            return [Image.open(p).convert("RGB") for p in lab], list(lab.values())
+    if name in ("photos", "photos-hard"):
+        rng, imgs, ys = np.random.default_rng(0), [], []
+        for c in samples.PHOTOS:
+            views = samples.photo_views(samples.photo(c), 40, rng, 256, scale=(0.15, 0.35) if name == "photos-hard" else (0.5, 1.0))
+            imgs += views
+            ys += [c] * len(views)
+        return imgs, ys
+    return {"glyphs": samples.glyph_images, "icons": samples.icon_images, "textures": samples.texture_images}[name]()
 
 
-def features(name: str, per_class: int):
-    """(X, y) for a set, embedded once and cached."""
-    path = OUT / f"{name}_{per_class}_{BACKBONE.replace(':', '_')}.npz"
+def features(name: str):
+    """(X, y) for a collection, embedded once and cached."""
+    path = OUT / f"fewshot_{name}_{BACKBONE.replace(':', '_')}.npz"
     if path.exists():
         z = np.load(path)
         return z["X"], z["y"]
     from embedstore.ingest.backbones import load_backbone
 
-    if name == "digits":
-        imgs, ys = digits_images(per_class)
-    else:  # photos: views of 50-100% of a photo; photos-hard: patches of 15-35% (far from the ceiling)
-        imgs, ys = photo_images(per_class, scale=(0.15, 0.35) if name == "photos-hard" else (0.5, 1.0))
+    imgs, ys = make_images(name)
     t = time.time()
     X = load_backbone(BACKBONE).embed_images(imgs)
     print(f"embedded {len(imgs)} {name} images in {time.time() - t:.0f}s", file=sys.stderr)
@@ -73,101 +87,214 @@ def features(name: str, per_class: int):
     return X, np.array(ys)
 
 
-def references(n_support: int):
+def references():
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
 
     return {
         "sk:LogisticRegression": LogisticRegression(max_iter=1000),
-        "sk:KNeighbors": KNeighborsClassifier(n_neighbors=min(5, n_support)),
+        "sk:1-NN": KNeighborsClassifier(n_neighbors=1),
         "sk:NearestCentroid": NearestCentroid(),
     }
 
 
-def run_set(X, y, shots_levels, episodes, heads, progress):
+def ece(P: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    conf = P.max(1)
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    return float(sum(abs(conf[idx == b].mean() - correct[idx == b].mean()) * (idx == b).mean() for b in range(bins) if (idx == b).any()))
+
+
+def stratified(y, classes, shots, rng):
+    return np.concatenate([rng.choice(np.flatnonzero(y == c), shots, replace=False) for c in classes])
+
+
+def fit_auto(X, y, lab):
+    from embedstore.labels.heads import make_head
+
+    unl = np.setdiff1d(np.arange(len(y)), lab)
+    h = make_head("auto").fit(X[lab], list(y[lab]), unlabeled=X[unl])
+    return h, unl
+
+
+def estimate_error(X, y, lab, h, unl, true_acc):
+    from embedstore.labels.evaluate import estimate_unlabeled
+
+    class Fitted:  # hands the already fitted auto head to the estimator instead of refitting it
+        def fit(self, *a, **k):
+            return h
+
+    est = estimate_unlabeled(X[lab], list(y[lab]), X[unl], lambda name: Fitted())
+    if est is None:
+        return None
+    return {"estimate": est["accuracy"], "stderr": est["stderr"], "unweighted": est["unweighted"], "weighted": est["weighted"], "confidence": est["mean_confidence"],
+            "true": true_acc}
+
+
+def episodes(X, y, shots_levels, seeds, heads, progress):
     from embedstore.labels.heads import make_head
 
     classes = np.unique(y)
     acc: dict[str, dict[int, list[float]]] = {}
+    cal: dict[int, dict[str, list[float]]] = {}
+    est: dict[int, list[dict]] = {}
     chosen: dict[int, dict[str, int]] = {}
-    seconds: dict[str, float] = {}
     for shots in shots_levels:
-        for ep in range(episodes):
-            rng = np.random.default_rng(1000 * shots + ep)
-            sup = np.concatenate([rng.choice(np.flatnonzero(y == c), shots, replace=False) for c in classes])
+        for seed in range(seeds):
+            sup = stratified(y, classes, shots, np.random.default_rng(1000 * shots + seed))
             qry = np.setdiff1d(np.arange(len(y)), sup)
-            for name, model in references(len(sup)).items():
+            for name, model in references().items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     pred = model.fit(X[sup], y[sup]).predict(X[qry])
                 acc.setdefault(name, {}).setdefault(shots, []).append(float((pred == y[qry]).mean()))
             for name in heads:
-                t = time.perf_counter()
                 h = make_head(name).fit(X[sup], list(y[sup]), unlabeled=X[qry])
-                pred = np.array(h.predict(X[qry]), dtype=object)
-                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
-                acc.setdefault(name, {}).setdefault(shots, []).append(float((pred == y[qry]).mean()))
-                if name == "auto":
-                    chosen.setdefault(shots, {}).setdefault(h.chosen, 0)
-                    chosen[shots][h.chosen] += 1
+                P = h.predict_proba(X[qry])
+                correct = np.array(h.classes, dtype=object)[P.argmax(1)] == y[qry]
+                acc.setdefault(name, {}).setdefault(shots, []).append(float(correct.mean()))
+                if name != "auto":
+                    continue
+                chosen.setdefault(shots, {}).setdefault(h.chosen, 0)
+                chosen[shots][h.chosen] += 1
+                if shots in ECE_SHOTS:
+                    c = cal.setdefault(shots, {"ece": [], "mean_top_p": []})
+                    c["ece"].append(ece(P, correct))
+                    c["mean_top_p"].append(float(P.max(1).mean()))
+                if shots in (4, 8):
+                    e = estimate_error(X, y, sup, h, qry, float(correct.mean()))
+                    if e:
+                        est.setdefault(shots, []).append(e)
             progress()
-    means = {n: {s: float(np.mean(v)) for s, v in d.items()} for n, d in acc.items()}
-    return means, chosen, seconds
+    return acc, cal, est, chosen
+
+
+def active_learning(X, y, seeds, progress):
+    """auto's accuracy on the unlabeled rest after each suggest round; the estimate at 4 and 8 per class."""
+    from embedstore.labels.heads import make_head
+    from embedstore.labels.suggest import rank
+
+    classes = np.unique(y)
+    curves, est = [], {}
+    for seed in range(seeds):
+        lab = list(stratified(y, classes, 1, np.random.default_rng(1000 + seed)))  # = the 1-shot episode
+        curve = {}
+        for budget in AL_BUDGETS:
+            need = budget * len(classes) - len(lab)
+            unl = np.setdiff1d(np.arange(len(y)), lab)
+            picks = rank(X[lab], list(y[lab]), X[unl], need, make_head)
+            lab += [int(unl[p["row"]]) for p in picks]
+            h, unl = fit_auto(X, y, np.array(lab))
+            pred = np.array(h.predict(X[unl]), dtype=object)
+            curve[budget] = float((pred == y[unl]).mean())
+            if budget in (4, 8):
+                e = estimate_error(X, y, np.array(lab), h, unl, curve[budget])
+                if e:
+                    est.setdefault(budget, []).append(e)
+            progress()
+        curves.append(curve)
+    return {b: [c[b] for c in curves] for b in AL_BUDGETS}, est
+
+
+def summarise(acc, cal, est, al, al_est, chosen, shots_levels):
+    mean = {n: {s: float(np.mean(v)) for s, v in d.items()} for n, d in acc.items()}
+    avg = {n: float(np.mean(list(d.values()))) for n, d in mean.items()}
+    # per seed: the mean over shots, so the spread over seeds is that of the number compared
+    per_seed = {n: np.mean([d[s] for s in shots_levels], 0) for n, d in acc.items()}
+    refs = [n for n in mean if n.startswith("sk:")]
+    best = max(refs, key=avg.get)
+    r = {
+        "accuracy": mean, "mean_over_shots": avg, "std_over_seeds": {n: float(np.std(v)) for n, v in per_seed.items()},
+        "best_sklearn": best, "best_sklearn_mean": avg[best], "auto_chosen": chosen,
+    }
+    if "auto" in avg:
+        diff = per_seed["auto"] - per_seed[best]
+        r["auto_minus_best_sklearn"] = avg["auto"] - avg[best]
+        r["auto_minus_best_sklearn_std"] = float(np.std(diff))
+        r["ece"] = {s: {k: float(np.mean(v)) for k, v in d.items()} for s, d in cal.items()}
+    if al:
+        target = mean["auto"][8] if "auto" in mean and 8 in mean["auto"] else None
+        curve = {b: float(np.mean(v)) for b, v in al.items()}
+        r["suggest_curve"] = curve
+        r["random_curve"] = {s: mean["auto"][s] for s in shots_levels if "auto" in mean} if "auto" in mean else {}
+        r["random_8_per_class"] = target
+        reached = [b for b in AL_BUDGETS if target is not None and curve[b] >= target]
+        r["labels_per_class_to_match_random_8"] = reached[0] if reached else None
+    errs = {}
+    for kind, d in (("random", est), ("suggest", al_est)):
+        for s, rows in d.items():
+            e = np.array([row["estimate"] - row["true"] for row in rows])
+            u = np.array([row["unweighted"] - row["true"] for row in rows])
+            k = np.array([row["confidence"] - row["true"] for row in rows])
+            errs[f"{kind}_{s}"] = {"mean_error": float(e.mean()), "mean_abs_error": float(np.abs(e).mean()),
+                                   "unweighted_mean_error": float(u.mean()),
+                                   "confidence_mean_error": float(k.mean()), "confidence_mean_abs_error": float(np.abs(k).mean()),
+                                   "mean_stderr": float(np.mean([row["stderr"] for row in rows]))}
+    r["estimate_error"] = errs
+    return r
+
+
+def print_set(con, name, r, n, k, seeds, shots_levels):
+    from rich.table import Table
+
+    tab = Table(title=f"{name}: {n} images, {k} classes, mean of {seeds} seeds")
+    tab.add_column("head")
+    for s in shots_levels:
+        tab.add_column(f"{s}", justify="right")
+    tab.add_column("mean ± sd(seeds)", justify="right")
+    for h, d in r["accuracy"].items():
+        tab.add_row(h, *[f"{d[s]:.3f}" for s in shots_levels], f"{r['mean_over_shots'][h]:.3f} ± {r['std_over_seeds'][h]:.3f}")
+    con.print(tab)
+    if "auto_minus_best_sklearn" in r:
+        con.print(f"auto - best sk ({r['best_sklearn']}): {r['auto_minus_best_sklearn']:+.3f} ± {r['auto_minus_best_sklearn_std']:.3f}; "
+                  "ECE " + ", ".join(f"{s}: {v['ece']:.3f} (top p {v['mean_top_p']:.2f})" for s, v in r["ece"].items()))
+    if "suggest_curve" in r:
+        con.print("suggest: " + ", ".join(f"{b}/cl {v:.3f}" for b, v in r["suggest_curve"].items())
+                  + f"; random 8/cl {r['random_8_per_class']:.3f}; labels/class to match: {r['labels_per_class_to_match_random_8']}")
+    for key, e in r["estimate_error"].items():
+        con.print(f"eval estimate, {key} labels/class: error {e['mean_error']:+.3f} (|err| {e['mean_abs_error']:.3f}, "
+                  f"unweighted {e['unweighted_mean_error']:+.3f}, mean conf {e['confidence_mean_error']:+.3f}, stderr {e['mean_stderr']:.3f})")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--episodes", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--al-seeds", type=int, default=10, help="suggest runs per collection (0: skip)")
     ap.add_argument("--shots", default="1,2,4,8,16")
-    ap.add_argument("--heads", default="knn,centroid,linear,propagate,auto")
-    ap.add_argument("--digits-per-class", type=int, default=100)
-    ap.add_argument("--views-per-photo", type=int, default=40)
-    ap.add_argument("--sets", default="digits,photos,photos-hard", help="comma-separated: digits, photos, photos-hard")
+    ap.add_argument("--heads", default="auto")
+    ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--quick", action="store_true", help="3 seeds, 2 suggest runs")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.al_seeds = 3, 2
     shots_levels = [int(s) for s in args.shots.split(",")]
     heads = args.heads.split(",")
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
-    sets = {
-        name: features(name, args.digits_per_class if name == "digits" else args.views_per_photo)
-        for name in args.sets.split(",")
-    }
-    results = {}
+    sets = {}
+    for name in args.sets.split(","):
+        try:
+            sets[name] = features(name)
+        except FileNotFoundError as e:
+            print(f"skipping {name}: {e}", file=sys.stderr)
+    results, con = {}, Console()
     with Progress(console=Console(stderr=True), transient=True) as bar:
-        for set_name, (X, y) in sets.items():
-            task = bar.add_task(set_name, total=len(shots_levels) * args.episodes)
+        for name, (X, y) in sets.items():
+            task = bar.add_task(name, total=len(shots_levels) * args.seeds + len(AL_BUDGETS) * args.al_seeds)
             t = time.time()
-            means, chosen, seconds = run_set(X, y, shots_levels, args.episodes, heads, lambda: bar.advance(task))
-            refs = [n for n in means if n.startswith("sk:")]
-            avg = {n: float(np.mean(list(d.values()))) for n, d in means.items()}
-            best_ref = max(refs, key=avg.get)
-            per_shot_best = float(np.mean([max(means[r][s] for r in refs) for s in shots_levels]))
-            results[set_name] = {
-                "n": len(y), "classes": len(np.unique(y)), "accuracy": means, "mean_over_shots": avg,
-                "best_reference": best_ref, "best_reference_mean": avg[best_ref],
-                "per_shot_best_reference_mean": per_shot_best,
-                "auto_minus_best_reference": avg["auto"] - avg[best_ref] if "auto" in avg else None,
-                "target_met": bool("auto" in avg and avg["auto"] >= avg[best_ref] + 0.02),
-                "auto_chosen": chosen, "fit_predict_seconds_per_episode": {k: v / (len(shots_levels) * args.episodes) for k, v in seconds.items()},
-                "wall_s": time.time() - t,
-            }
-    con = Console()
-    for set_name, r in results.items():
-        tab = Table(title=f"{set_name}: {r['n']} images, {r['classes']} classes, mean of {args.episodes} episodes")
-        tab.add_column("head")
-        for s in shots_levels:
-            tab.add_column(f"{s}-shot", justify="right")
-        tab.add_column("mean", justify="right")
-        for n, d in r["accuracy"].items():
-            tab.add_row(n, *[f"{d[s]:.3f}" for s in shots_levels], f"{r['mean_over_shots'][n]:.3f}")
-        con.print(tab)
-        if r["auto_minus_best_reference"] is not None:
-            con.print(f"auto - best reference ({r['best_reference']}): {r['auto_minus_best_reference']:+.3f} "
-                      f"(target +0.02: {'met' if r['target_met'] else 'NOT met'}); auto chose {r['auto_chosen']}")
-    print(json.dumps({"benchmark": "fewshot", "backbone": BACKBONE, "episodes": args.episodes, "shots": shots_levels,
-                      "sets": results}))
+            acc, cal, est, chosen = episodes(X, y, shots_levels, args.seeds, heads, lambda: bar.advance(task))
+            al, al_est = active_learning(X, y, args.al_seeds, lambda: bar.advance(task)) if args.al_seeds and "auto" in heads else ({}, {})
+            r = summarise(acc, cal, est, al, al_est, chosen, shots_levels)
+            r.update(n=len(y), classes=len(np.unique(y)), wall_s=time.time() - t)
+            results[name] = r
+            print_set(con, name, r, len(y), r["classes"], args.seeds, shots_levels)
+    diffs = [r["auto_minus_best_sklearn"] for r in results.values() if "auto_minus_best_sklearn" in r]
+    summary = {"auto_minus_best_sklearn_mean": float(np.mean(diffs)) if diffs else None,
+               "auto_minus_best_sklearn_min": float(np.min(diffs)) if diffs else None}
+    con.print(f"over collections: auto - best sk mean {summary['auto_minus_best_sklearn_mean']:+.3f}, worst {summary['auto_minus_best_sklearn_min']:+.3f}")
+    print(json.dumps({"benchmark": "fewshot", "backbone": BACKBONE, "seeds": args.seeds, "al_seeds": args.al_seeds,
+                      "shots": shots_levels, "summary": summary, "sets": results}))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,20 @@
-"""Fine-tune benchmark: few-shot accuracy before/after `finetune`, per shots level, and wall time.
+"""Fine-tune benchmark: frozen heads vs the fine-tuned backbone on the UNLABELED images, per shots level and
+seed, with the activation decision and the forgetting measure.
 
-For each shots level s: a copy of a digits store (scikit-learn digits, out-of-domain for ImageNet
-EfficientNet-Lite0) gets s labels per class from the folder names; the frozen backbone's accuracy on the
-UNLABELED images (ground truth from the folders, heads fit on the labels) is measured, then `finetune`
-runs (train + re-embed + re-index + decision), then the same accuracy on the new version's vectors.
+For each shots level s and seed: a copy of a digits store (scikit-learn digits, out of domain for ImageNet
+EfficientNet-Lite0) gets s labels per class (chosen by the seed); every head (centroid, knn, linear,
+propagate, auto) is fit on the labels and scored on the unlabeled images with the frozen vectors; then
+`finetune` runs with the store's defaults (train + re-embed + re-index + decision) and the same heads are
+scored with the new version's vectors. When the default run refuses (too few labels to decide), a second
+run with min_decide=0 measures the fine-tuned model anyway (never activated in the summary).
 
-    python benchmarks/finetune.py [--per-class 30] [--shots 5 10 20] [--method lora] [--epochs 10] [--device auto]
+Per shots level it reports the mean and standard deviation over seeds of: the best frozen head (the best
+of all heads, chosen with hindsight on the unlabeled images: an upper bound for frozen), frozen auto,
+the same for the fine-tuned version, what the user ends up with (the new version if activated, else the
+old one, head auto), how many seeds activated, how many of those were worse on the unlabeled images,
+and near-duplicate recall@5 on unlabeled images before / after (loop/forgetting.py).
+
+    python benchmarks/finetune.py [--per-class 40] [--shots 4 8 16] [--seeds 5] [--quick] [--opt key=value ...]
 
 Prints a table and one JSON line.
 """
@@ -22,33 +31,112 @@ from pathlib import Path
 
 import numpy as np
 
+HEADS = ("centroid", "knn", "linear", "propagate", "auto")
+
 
 def unlabeled_accuracy(store, version: str, labels: dict, truth: dict) -> dict:
-    """Best of centroid / knn / linear heads fit on the labels, scored on every unlabeled image."""
-    from embedstore.labels.heads import HEADS, make_head
+    """{head: accuracy on every unlabeled image}, heads fit on the labels."""
+    from embedstore.labels.heads import HEADS as KNOWN
+    from embedstore.labels.heads import make_head
 
     ids, _, X = store.vectors(version)
     lab = np.array([int(i) in labels for i in ids])
     y = [labels[int(i)] for i in ids[lab]]
     yt = np.array([truth[int(i)] for i in ids[~lab]], dtype=object)
     out = {}
-    for name in ("centroid", "knn", "linear"):
-        if name in HEADS:
-            h = make_head(name).fit(X[lab], y)
-            out[name] = float(np.mean(np.asarray(h.predict(X[~lab]), dtype=object) == yt))
-    best = max(out, key=out.get)
-    return {"accuracy": round(out[best], 4), "head": best, "heads": {k: round(v, 4) for k, v in out.items()}}
+    for name in HEADS:
+        if name in KNOWN:
+            h = make_head(name).fit(X[lab], y, unlabeled=X[~lab])
+            out[name] = round(float(np.mean(np.asarray(h.predict(X[~lab]), dtype=object) == yt)), 4)
+    return out
+
+
+def one_run(base: Path, work: Path, shots: int, seed: int, truth_paths: dict, opts: dict) -> dict:
+    import embedstore
+
+    root = work / f"s{shots}-{seed}.es"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(base, root)
+    st = embedstore.open(root, create=False)
+    ids, paths, _ = st.vectors()
+    truth = {int(i): truth_paths[p] for i, p in zip(ids, paths)}
+    rng = np.random.default_rng(seed)
+    labels = {}
+    for c in sorted(set(truth.values())):
+        members = [i for i in sorted(truth) if truth[i] == c]
+        for i in rng.permutation(members)[:shots]:
+            labels[int(i)] = c
+    for c in sorted(set(labels.values())):
+        st.label([i for i in labels if labels[i] == c], c)
+    before = unlabeled_accuracy(st, st.active_version, labels, truth)
+    t = time.perf_counter()
+    r = st.finetune(progress=False, seed=seed, **opts)
+    measured = r
+    if r.status == "too-few-labels":  # measure the fine-tuned model anyway; the default run refused
+        measured = st.finetune(progress=False, seed=seed, **{**opts, "min_decide": 0})
+    wall = time.perf_counter() - t
+    after = unlabeled_accuracy(st, measured.version, labels, truth) if measured.version else before
+    d, f, tr = measured.decision or {}, measured.forgetting or {}, measured.train or {}
+    activated = bool(r.activated)
+    return {
+        "shots": shots, "seed": seed, "labels": len(labels), "unlabeled": len(truth) - len(labels),
+        "frozen": before, "finetuned": after, "frozen_best": max(before.values()), "finetuned_best": max(after.values()),
+        "frozen_auto": before.get("auto"), "finetuned_auto": after.get("auto"),
+        "status": r.status, "activated": activated,
+        "user_gets_auto": after.get("auto") if activated else before.get("auto"),
+        "decision": {k: d.get(k) for k in ("estimate", "low", "high", "n", "reason")},
+        "recall_old": f.get("recall_old"), "recall_new": f.get("recall_new"), "overlap": f.get("neighbour_overlap"),
+        "best_epoch": tr.get("best_epoch"), "wise_alpha": tr.get("wise_alpha"), "train_s": tr.get("seconds"),
+        "wall_s": round(wall, 1),
+    }
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for s in sorted({r["shots"] for r in rows}):
+        rs = [r for r in rows if r["shots"] == s]
+
+        def ms(key, rs=rs):
+            v = np.array([r[key] for r in rs if r[key] is not None], float)
+            return [round(float(v.mean()), 4), round(float(v.std()), 4)] if len(v) else None
+
+        gain = np.array([r["finetuned_best"] - r["frozen_best"] for r in rs])
+        out.append({
+            "shots": s, "seeds": len(rs), "frozen_best": ms("frozen_best"), "frozen_auto": ms("frozen_auto"),
+            "finetuned_best": ms("finetuned_best"), "finetuned_auto": ms("finetuned_auto"),
+            "gain_best": [round(float(gain.mean()), 4), round(float(gain.std()), 4)],
+            "user_gets_auto": ms("user_gets_auto"),
+            "activated": sum(r["activated"] for r in rs),
+            "activated_worse": sum(r["activated"] and r["finetuned_auto"] < r["frozen_auto"] for r in rs),
+            "recall_old": ms("recall_old"), "recall_new": ms("recall_new"), "overlap": ms("overlap"),
+            "statuses": sorted({r["status"] for r in rs}),
+        })
+    return out
+
+
+def _opt(kv: str):
+    k, v = kv.split("=", 1)
+    for cast in (int, float):
+        try:
+            return k, cast(v)
+        except ValueError:
+            pass
+    return k, {"none": None, "true": True, "false": False}.get(v.lower(), v)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--per-class", type=int, default=30, help="digit images per class in the store")
-    ap.add_argument("--shots", type=int, nargs="+", default=[5, 10, 20], help="labels per class, one run each")
-    ap.add_argument("--method", default="lora", choices=["lora", "last-blocks", "full"])
-    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--per-class", type=int, default=40, help="digit images per class in the store")
+    ap.add_argument("--shots", type=int, nargs="+", default=[4, 8, 16], help="labels per class")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per shots level (label choice and training)")
+    ap.add_argument("--quick", action="store_true", help="small and fast: 24 images/class, 8 and 16 shots, 2 seeds")
+    ap.add_argument("--opt", nargs="*", default=[], help="fine-tune options key=value (FinetuneConfig fields, method)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", default=None, help="where stores go (default: a temp dir, removed)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.per_class, args.shots, args.seeds = 24, [8, 16], 2
+    opts = dict(_opt(o) for o in args.opt)
 
     import embedstore
     from embedstore.samples import make_digits
@@ -58,59 +146,26 @@ def main(argv=None) -> int:
     truth_paths = make_digits(imgs, per_class=args.per_class, seed=1)
     base = work / "base.es"
     t0 = time.perf_counter()
-    s = embedstore.open(base, device=args.device)
-    s.add([imgs], progress=False)
+    if not base.exists():
+        embedstore.open(base, device=args.device).add([imgs], progress=False)
     build_s = time.perf_counter() - t0
     rows = []
     for shots in args.shots:
         if shots >= args.per_class:
             print(f"skipping {shots} shots: needs more than {args.per_class} images per class", file=sys.stderr)
             continue
-        root = work / f"s{shots}.es"
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.copytree(base, root)
-        st = embedstore.open(root, create=False, device=args.device)
-        ids, paths, _ = st.vectors()
-        truth = {int(i): truth_paths[p] for i, p in zip(ids, paths)}
-        by_class: dict[str, list[int]] = {}
-        for i in sorted(truth):
-            by_class.setdefault(truth[i], []).append(i)
-        labels = {i: c for c, members in by_class.items() for i in members[:shots]}
-        for c in by_class:
-            st.label([i for i in labels if labels[i] == c], c)
-        before = unlabeled_accuracy(st, st.active_version, labels, truth)
-        t = time.perf_counter()
-        r = st.finetune(method=args.method, epochs=args.epochs, progress=False)
-        wall = time.perf_counter() - t
-        after = unlabeled_accuracy(st, r.version, labels, truth) if r.version else before
-        tr = r.train or {}
-        rows.append(
-            {
-                "shots": shots,
-                "labels": len(labels),
-                "images": len(truth),
-                "before": before["accuracy"],
-                "after": after["accuracy"],
-                "gain": round(after["accuracy"] - before["accuracy"], 4),
-                "head_before": before["head"],
-                "head_after": after["head"],
-                "status": r.status,
-                "holdout_before": (r.holdout or {}).get("parent", {}).get("accuracy"),
-                "holdout_after": (r.holdout or {}).get("new", {}).get("accuracy"),
-                "epochs_run": tr.get("epochs_run"),
-                "train_s": tr.get("seconds"),
-                "train_img_s": tr.get("images_per_second"),
-                "embed_s": r.embed_seconds,
-                "wall_s": round(wall, 2),
-                "device": tr.get("device"),
-            }
-        )
-    hdr = ["shots", "labels", "before", "after", "gain", "status", "holdout_before", "holdout_after", "epochs_run", "train_s", "embed_s", "wall_s"]
+        for seed in range(args.seeds):
+            rows.append(one_run(base, work, shots, seed, truth_paths, opts))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    summary = summarize(rows)
+    hdr = ["shots", "seeds", "frozen_best", "frozen_auto", "finetuned_best", "finetuned_auto", "gain_best",
+           "user_gets_auto", "activated", "activated_worse", "recall_old", "recall_new"]
+    fmt = lambda v: f"{v[0]:.3f}±{v[1]:.3f}" if isinstance(v, list) else str(v)  # noqa: E731
     print(" | ".join(f"{h:>14}" for h in hdr))
-    for r in rows:
-        print(" | ".join(f"{str(r[h]):>14}" for h in hdr))
-    print(json.dumps({"benchmark": "finetune", "method": args.method, "per_class": args.per_class,
-                      "store_build_s": round(build_s, 2), "rows": rows}))
+    for r in summary:
+        print(" | ".join(f"{fmt(r[h]):>14}" for h in hdr))
+    print(json.dumps({"benchmark": "finetune", "per_class": args.per_class, "options": opts,
+                      "store_build_s": round(build_s, 2), "summary": summary, "rows": rows}))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

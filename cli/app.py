@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 core.register(app)
-for _mod in ("search_cmds", "label_cmds", "loop_cmds", "ui_cmd"):
+for _mod in ("search_cmds", "label_cmds", "loop_cmds", "check_cmds", "ui_cmd"):
     try:
         __import__(f"{__package__}.{_mod}", fromlist=["register"]).register(app)
     except ModuleNotFoundError as e:  # a stage not built yet

@@ -10,8 +10,9 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from embedstore.errors import EmbedstoreError
+from embedstore.errors import EmbedstoreError, InvalidArgumentError
 
 console = Console(stderr=True)  # progress and human output go to stderr when --json owns stdout
 out = Console()
@@ -26,8 +27,19 @@ def emit_json(obj: Any) -> None:
 
 
 def fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    # escaped: a message naming 'embedstore[gpu]' or a path with brackets is text, not Rich markup
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def parse_ints(text: str | None, what: str) -> list[int] | None:
+    """'1,2,4' -> [1, 2, 4]; None for no text; InvalidArgumentError naming the option otherwise."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise InvalidArgumentError(f"{what} must be comma-separated integers such as 1,2,4; got {text!r}") from None
 
 
 def handle_errors(fn: Callable) -> Callable:

@@ -1,4 +1,4 @@
-"""add, info, backbones, demo."""
+"""add, remove, info, backbones, demo."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from .common import JSON_OPT, STORE_ARG, emit_json, handle_errors, open_store, out
+from embedstore.errors import InvalidArgumentError
+
+from .common import JSON_OPT, STORE_ARG, emit_json, handle_errors, open_store, out, parse_ints
 
 
 @handle_errors
@@ -15,7 +17,7 @@ def add(
     store: Path = STORE_ARG,
     paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively).", show_default=False),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone for a new store (see `embedstore backbones`); default offline:efficientnet_lite0."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Local checkpoint file to load into the backbone (no download)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Local checkpoint file to load into the backbone (no download); for an existing store, the new place of its weights file if it was moved."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass; default: automatic."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode worker processes; default: automatic."),
@@ -42,6 +44,39 @@ def add(
         out.print(f"  [yellow]skipped[/] {e.path}: {e.error}", highlight=False)
     for m in res.missing_paths:
         out.print(f"  [yellow]not found[/] {m}", highlight=False)
+    if res.labels_dropped:
+        out.print(f"[yellow]warning:[/] {len(res.labels_dropped)} label(s) dropped: these files changed on disk "
+                  "(same path, new bytes), so they are new images; label them again", highlight=False)
+        for p in res.labels_dropped[:20]:
+            out.print(f"  [yellow]label dropped[/] {p}", highlight=False)
+
+
+@handle_errors
+def remove(
+    store: Path = STORE_ARG,
+    items: Optional[List[str]] = typer.Argument(None, help="Image paths or folders (as added); ids go in --ids.", show_default=False),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Image ids, comma-separated (instead of / besides paths)."),
+    json_: bool = JSON_OPT,
+):
+    """Remove images from STORE: their vectors (every version), labels and predictions. Files on disk stay."""
+    targets = list(items or []) + (parse_ints(ids, "--ids") or [])
+    if not targets:
+        raise InvalidArgumentError("nothing to remove; pass image paths, folders or --ids 1,2")
+    res = open_store(store).remove(targets)
+    if res.removed == 0 and res.unknown:
+        raise InvalidArgumentError(
+            f"none of the {len(res.unknown)} item(s) is in the store (first: {res.unknown[0]}); nothing removed. "
+            "Check the paths (as added) or the ids (`embedstore search STORE ... --json` shows them)"
+        )
+    if json_:
+        emit_json(res.to_dict())
+        return
+    out.print(f"removed [bold]{res.removed}[/] images (vectors, labels, predictions); the files on disk are untouched",
+              highlight=False)
+    if res.unknown:
+        out.print(f"[yellow]{res.unknown_count} not in the store[/] (nothing removed for them):", highlight=False)
+        for u in res.unknown[:20]:
+            out.print(f"  [yellow]unknown[/] {u}", highlight=False)
 
 
 @handle_errors
@@ -77,16 +112,17 @@ def backbones(json_: bool = JSON_OPT):
 @handle_errors
 def demo(
     store: Path = typer.Argument(Path("demo.es"), help="Where to build the demo store."),
+    force: bool = typer.Option(False, "--force", help="Rebuild the demo store even if it holds labels or evals added since."),
     json_: bool = JSON_OPT,
 ):
     """Offline, CPU, about a minute: build a store from sample photos and show what it can do."""
     from embedstore.demo import run_demo  # a script over the public API, not part of the Store
 
-    report = run_demo(store, progress=not json_, say=(lambda m: None) if json_ else out.print)
+    report = run_demo(store, progress=not json_, say=(lambda m: None) if json_ else out.print, force=force)
     if json_:
         emit_json(report)
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (add, info, backbones, demo):
+    for fn in (add, remove, info, backbones, demo):
         app.command()(fn)

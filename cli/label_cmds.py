@@ -9,16 +9,8 @@ import typer
 
 from embedstore.errors import InvalidArgumentError
 
-from .common import JSON_OPT, STORE_ARG, emit_json, handle_errors, open_store, out
-
-
-def _ints(text: Optional[str], what: str) -> Optional[list[int]]:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise InvalidArgumentError(f"{what} must be comma-separated integers such as 1,2,4; got {text!r}") from None
+from .common import JSON_OPT, STORE_ARG, console, emit_json, handle_errors, open_store, out
+from .common import parse_ints as _ints
 
 
 def _print_unknown(res) -> None:
@@ -70,6 +62,8 @@ def label(
         + (f"; new class: {', '.join(res.new_classes)}" if res.new_classes else ""),
         highlight=False,
     )
+    if res.skipped_rows:
+        out.print(f"  [yellow]skipped {res.skipped_rows} CSV row(s)[/] with an empty path or label", highlight=False)
     _print_unknown(res)
 
 
@@ -130,6 +124,8 @@ def classify(
     """Predict a class for every unlabeled image from the labels; --json prints the list of predictions."""
     s = open_store(store)
     res = s.classify(head=head, threshold=threshold, explain=explain)
+    if res.skipped_reason:  # on stderr: with --json, stdout holds the predictions only
+        (console if json_ else out).print(f"[yellow]warning:[/] {res.skipped_reason}", highlight=False, soft_wrap=True)
     if json_:
         emit_json([p.to_dict() for p in res.predictions])
         return
@@ -197,6 +193,10 @@ def eval_(
     out.print(t)
     if run.best_head is not None:
         out.print(f"best at {run.best_shots} shots: [bold]{run.best_head}[/] {run.best_accuracy:.3f} (run {run.run_id})", highlight=False)
+    est = run.unlabeled_estimate
+    if est:
+        out.print(f"expected on the unlabeled images: {est['head']} {est['accuracy']:.3f} "
+                  f"(95% {est['low']:.3f}-{est['high']:.3f}; the labels weighted by the images they stand for)", highlight=False)
     for h, e in run.errors.items():
         out.print(f"  [yellow]{h} failed[/]: {e}", highlight=False)
     out.print(f"plateau: [bold]{'yes' if plat.plateau else 'no'}[/] ({plat.reason})", highlight=False)

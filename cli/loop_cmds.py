@@ -14,8 +14,8 @@ from .common import JSON_OPT, STORE_ARG, emit_json, handle_errors, open_store, o
 def finetune(
     store: Path = STORE_ARG,
     if_plateau: bool = typer.Option(False, "--if-plateau", help="Only fine-tune when the eval history shows a plateau."),
-    method: str = typer.Option("lora", "--method", help="lora (adapters, default), last-blocks (L2-SP) or full (L2-SP)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Most epochs to train (early stopping may end sooner); default 10."),
+    method: str = typer.Option("last-blocks", "--method", help="last-blocks (L2-SP, default: measured best), lora (adapters) or full (L2-SP)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs to train (a fixed schedule unless a selection fold is asked for); default 16."),
     margin: Optional[float] = typer.Option(None, "--margin", min=0.0, help="Plateau: least accuracy gain that still counts as progress (default 0.01)."),
     window: Optional[int] = typer.Option(None, "--window", min=1, help="Plateau: over how many label additions the gain is measured (default 2)."),
     image_size: Optional[int] = typer.Option(None, "--size", min=32, help="Training resolution; default: the backbone's input size."),
@@ -32,8 +32,21 @@ def finetune(
     if json_:
         emit_json(res.to_dict())
         return
-    colour = {"activated": "green", "kept": "yellow", "skipped": "cyan", "not-improved": "yellow"}[res.status]
+    colour = {"activated": "green", "kept": "yellow", "skipped": "cyan", "not-improved": "yellow",
+              "too-few-labels": "yellow"}.get(res.status, "white")
     out.print(f"[bold {colour}]{res.status}[/]: {res.message}", highlight=False)
+    d, f = res.decision or {}, res.forgetting
+    if d.get("old"):
+        out.print(f"  decision on {d['n']} labels the new backbone never trained or selected on: best head "
+                  f"{d['old']['head']} {d['old']['accuracy']:.3f} -> {d['new']['head']} {d['new']['accuracy']:.3f}; "
+                  f"new - old {d['estimate']:+.3f}, 80% interval {d['low']:+.3f} .. {d['high']:+.3f} "
+                  f"(paired bootstrap); activates when the lower end > margin {d['margin']:+.3f}", highlight=False)
+    if f:
+        out.print(f"  search on {f['n']} unlabeled images: near-duplicate recall@{f['k']} {f['recall_old']:.3f} -> "
+                  f"{f['recall_new']:.3f}, top-10 neighbours kept {f['neighbour_overlap']:.0%} "
+                  f"(refuses activation when recall drops more than {d.get('max_forgetting')})", highlight=False)
+    for w in res.warnings:
+        out.print(f"  [yellow]warning[/]: {w}", highlight=False)
     if res.version:
         t = res.train or {}
         out.print(

@@ -16,15 +16,19 @@ def search(
     image: Optional[Path] = typer.Option(None, "--image", help="Query image file (embedded with the store's backbone).", show_default=False),
     text: Optional[str] = typer.Option(None, "--text", help="Text query (open_clip backbones only).", show_default=False),
     id_: Optional[int] = typer.Option(None, "--id", help="Id of a stored image to use as the query (left out of its results).", show_default=False),
-    k: int = typer.Option(20, "-k", "--k", min=1, help="Number of results."),
+    k: str = typer.Option("20", "-k", "--k", help="Number of results (at most the images in the store)."),
     where: Optional[str] = typer.Option(
         None, "--where", help="SQL filter, e.g. \"label = 'defect'\", \"prediction IS NULL\", \"path LIKE '%/2024/%'\".",
+        show_default=False,
+    ),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights", help="New place of the store's weights file, if it was moved (its digest must match).",
         show_default=False,
     ),
     json_: bool = JSON_OPT,
 ):
     """Find the k images most similar to an image, a text or a stored image."""
-    s = open_store(store)
+    s = open_store(store, weights=str(weights) if weights is not None else None)
     hits = s.search(image=str(image) if image is not None else None, text=text, id=id_, k=k, where=where)
     if json_:
         emit_json([{"id": h.id, "path": h.path, "score": h.score} for h in hits])  # the CLI's shape since 0.1

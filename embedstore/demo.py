@@ -1,30 +1,66 @@
 """`embedstore demo`: offline, CPU, about a minute. Builds a store from views of scikit-image's bundled
 photos with the packaged EfficientNet-Lite0 backbone, then searches, labels a few, classifies the rest,
 and adds a brand-new class — each step through the same Python API the CLI and UI use.
+
+Run again it rebuilds its directories, but only while they hold nothing but what it made: the marker
+file records the labels it gave, and labels or eval runs added since make it refuse (unless force=True).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import embedstore
-from embedstore.errors import InvalidArgumentError
+from embedstore.errors import EmbedstoreError, InvalidArgumentError
 from embedstore.samples import make_digits, make_photo_views
 
 MARKER = ".embedstore-demo"
 
 
-def run_demo(store_dir: str | Path = "demo.es", progress: bool = True, say: Callable[[str], None] = print) -> dict:
+def _remember(store_dir: Path, store) -> None:
+    """Record in the marker what the demo made (its labels, its eval runs: none), to compare on a rerun."""
+    made = {"labels": {str(i): c for i, c in store.labels(source=None).items()},
+            "evals": [r.run_id for r in store.eval_history("all")]}
+    (store_dir / MARKER).write_text(json.dumps(made))
+
+
+def _check_only_demo_work(store_dir: Path) -> None:
+    """Refuse to delete a demo store that holds labels or eval runs the demo did not make."""
+    hint = "pass --force to rebuild it anyway, or another directory (embedstore demo OTHER.es)"
+    try:
+        made = json.loads((store_dir / MARKER).read_text() or "{}")
+        made = made if isinstance(made, dict) else {}
+        store = embedstore.open(store_dir, create=False)
+        labels = store.labels(source=None)
+        runs = [r.run_id for r in store.eval_history("all")]
+    except (EmbedstoreError, OSError, ValueError) as e:
+        raise InvalidArgumentError(f"cannot check what {store_dir} holds ({str(e).splitlines()[0][:120]}); {hint}") from None
+    theirs = {i: c for i, c in labels.items() if made.get("labels", {}).get(str(i)) != c}
+    new_runs = [r for r in runs if r not in set(made.get("evals", []))]
+    if theirs or new_runs:
+        raise InvalidArgumentError(
+            f"{store_dir} holds {len(theirs)} label(s) and {len(new_runs)} eval run(s) the demo did not make, which "
+            f"rebuilding would delete; {hint}"
+        )
+
+
+def run_demo(store_dir: str | Path = "demo.es", progress: bool = True, say: Callable[[str], None] = print,
+             force: bool = False) -> dict:
+    """Build the demo store; a rerun rebuilds it, unless it holds labels/evals added since (force=True: anyway)."""
     t0 = time.perf_counter()
     store_dir = Path(store_dir).expanduser().resolve()
     images_dir = store_dir.parent / (store_dir.name.removesuffix(".es") + "-images")
     for d in (store_dir, images_dir):
+        if d.exists() and not (d / MARKER).exists():
+            raise InvalidArgumentError(f"{d} exists and was not made by the demo; pass another directory")
+    if store_dir.exists() and not force:
+        _check_only_demo_work(store_dir)
+    for d in (store_dir, images_dir):
         if d.exists():
-            if not (d / MARKER).exists():
-                raise InvalidArgumentError(f"{d} exists and was not made by the demo; pass another directory")
             shutil.rmtree(d)
     report: dict = {"store": str(store_dir), "images_dir": str(images_dir)}
 
@@ -34,7 +70,7 @@ def run_demo(store_dir: str | Path = "demo.es", progress: bool = True, say: Call
 
     say("[bold]2/5[/] embedding them with offline:efficientnet_lite0 (packaged ImageNet weights, CPU)")
     store = embedstore.open(store_dir, backbone="offline:efficientnet_lite0", device="cpu")
-    (store_dir / MARKER).touch()
+    _remember(store_dir, store)
     res = store.add([images_dir / "photos"], progress=progress)
     report["add"] = res.to_dict()
     say(f"    added {res.added} images at {res.images_per_second:.1f} img/s")
@@ -54,6 +90,7 @@ def run_demo(store_dir: str | Path = "demo.es", progress: bool = True, say: Call
             picked[truth[p]].append(p)
     for cls, ps in picked.items():
         store.label(ps, cls)
+    _remember(store_dir, store)
     out = store.classify(head="auto")
     preds = out.predictions
     correct = sum(truth.get(p.path) == p.label for p in preds)
@@ -68,6 +105,7 @@ def run_demo(store_dir: str | Path = "demo.es", progress: bool = True, say: Call
     store.add(some, progress=False)
     t1 = time.perf_counter()
     store.label(some[:3], "handwritten-digit")
+    _remember(store_dir, store)
     out = store.classify(head="centroid")
     new_ok = sum(p.label == "handwritten-digit" for p in out.predictions if p.path in some[3:])
     report["new_class"] = {"labeled": 3, "recognised": new_ok, "of": len(some) - 3,

@@ -42,3 +42,15 @@ class NotSupportedError(EmbedstoreError, ValueError):
 
 class InvalidArgumentError(EmbedstoreError, ValueError):
     """A bad argument value (unknown id, bad filter, bad factory string, ...)."""
+
+
+class CorruptStoreError(EmbedstoreError, ValueError):
+    """The store's manifest is unreadable or inconsistent (truncated, empty, missing keys, unknown active version)."""
+
+
+class StoreFormatError(EmbedstoreError, ValueError):
+    """The store was written in a format this embedstore does not know (made by a newer embedstore)."""
+
+
+class StoreNotWritableError(EmbedstoreError, PermissionError):
+    """The user may read the store but not write it (permissions, a read-only file system)."""

@@ -69,6 +69,7 @@ class AddResult(Result):
     errors: int = 0
     error_list: list[ImageError] = field(default_factory=list)
     missing_paths: list[str] = field(default_factory=list)
+    labels_dropped: list[str] = field(default_factory=list)  # paths whose label went: same path, new bytes
     seconds: float = 0.0
     embed_seconds: float = 0.0
     batch_size: int = 0
@@ -91,6 +92,13 @@ class AddResult(Result):
 class RemoveResult(Result):
     removed: int  # images removed (with their vectors, labels and predictions)
     unknown: list[str] = field(default_factory=list)  # items given that are not in the store
+
+    @property
+    def unknown_count(self) -> int:
+        return len(self.unknown)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "unknown_count": self.unknown_count}
 
 
 # ---- store ------------------------------------------------------------------------------------------
@@ -177,6 +185,7 @@ class LabelResult(Result):
     label: str | None = None  # the class (single-class labeling)
     per_class: dict[str, int] | None = None  # labels written per class (CSV / folders)
     source_file: str | None = None  # the CSV file or class-folder root read
+    skipped_rows: int = 0  # CSV rows skipped for an empty path or label
 
     @property
     def new_class(self) -> bool:
@@ -243,6 +252,8 @@ class ClassifyResult(Result):
     per_class: dict[str, ClassSummary]
     unknown: int
     seconds: float
+    skipped: int = 0  # images left out: no vector in the version (an interrupted add)
+    skipped_reason: str | None = None  # why, and what to run
 
 
 @dataclass
@@ -302,6 +313,9 @@ class EvalRun(Result):
     confusion: dict | None  # {head, shots, classes, matrix (rows true, columns predicted)}
     mean_accuracy: dict[str, float]
     seconds: float
+    # auto fitted on all the labels: its estimated accuracy on the unlabeled images, with stderr/low/high
+    # (evaluate.estimate_unlabeled); None when a class has a single label
+    unlabeled_estimate: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalRun":
@@ -333,7 +347,7 @@ class PlateauResult(Result):
 
 @dataclass
 class FinetuneResult(Result):
-    """status: activated | kept | not-improved | skipped; `message` says why."""
+    """status: activated | kept | not-improved | too-few-labels | skipped; `message` says why."""
 
     status: str
     version: str | None
@@ -353,6 +367,12 @@ class FinetuneResult(Result):
     index: IndexSummary | dict | None = None  # dict {error} when the index could not be built
     holdout: dict | None = None  # {parent: {...}, new: {...}} the activation check
     eval: dict | None = None  # {best_head, best_accuracy} with evaluate=True
+    # the activation decision (loop/decide.py): {estimate (new - old best-head accuracy on decision labels
+    # never trained or selected on), low, high (80% paired-bootstrap interval), se, margin, n, old, new,
+    # activate, reason, compared, min_decide, max_forgetting}
+    decision: dict | None = None
+    forgetting: dict | None = None  # {k, n, recall_old, recall_new, drop, neighbour_overlap} (loop/forgetting.py)
+    warnings: list = field(default_factory=list)
 
 
 @dataclass

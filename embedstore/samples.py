@@ -82,3 +82,69 @@ def make_digits(out_dir: str | os.PathLike, per_class: int = 20, seed: int = 0, 
             im.save(p)
             labels[str(p.resolve())] = str(c)
     return labels
+
+
+# ---- more collections for benchmarks/fewshot.py: unlike digits and photos, still offline ------------
+GLYPHS = tuple("abdeghnpqs")  # similar round lowercase shapes: the font varies more than the letter does
+TEXTURES = ("brick", "grass", "gravel", "moon", "coins", "text", "camera", "microaneurysms")
+ICON_CLASSES = ("actions", "devices", "emotes", "mimetypes", "places", "status")
+FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
+ICON_THEME = "/usr/share/icons/Adwaita/48x48"
+
+
+def font_files() -> list[Path]:
+    """TrueType/OpenType fonts installed on this machine (Debian: fonts-dejavu-core, fonts-liberation, ...)."""
+    out = sorted({p for d in FONT_DIRS if Path(d).exists() for ext in ("*.ttf", "*.otf") for p in Path(d).rglob(ext)})
+    if not out:
+        raise FileNotFoundError("no fonts found; apt-get install -y fonts-dejavu-core fonts-liberation")
+    return out
+
+
+def glyph_images(per_font: int = 1, glyphs=GLYPHS, seed: int = 0, size: int = 96):
+    """(images, classes): each glyph drawn in every installed font, at a random size, offset and rotation."""
+    from PIL import ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    imgs, ys = [], []
+    for f in font_files():
+        for g in glyphs:
+            for _ in range(per_font):
+                font = ImageFont.truetype(str(f), int(size * rng.uniform(0.45, 0.7)))
+                im = Image.new("L", (size, size), 255)
+                draw = ImageDraw.Draw(im)
+                l, t, r, b = draw.textbbox((0, 0), g, font=font)
+                x = (size - (r - l)) / 2 - l + rng.uniform(-8, 8)
+                y = (size - (b - t)) / 2 - t + rng.uniform(-8, 8)
+                draw.text((x, y), g, font=font, fill=0)
+                im = im.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR, fillcolor=255)
+                imgs.append(im.convert("RGB"))
+                ys.append(g)
+    return imgs, ys
+
+
+def icon_images(per_class: int = 60, classes=ICON_CLASSES, theme: str = ICON_THEME, seed: int = 0, size: int = 96):
+    """(images, classes): icons of a Debian icon theme (default Adwaita 48x48, package adwaita-icon-theme),
+    classes from its folder names, drawn on white and upscaled; up to per_class per folder (seeded sample)."""
+    rng = np.random.default_rng(seed)
+    imgs, ys = [], []
+    for c in classes:
+        files = sorted((Path(theme) / c).glob("*.png"))
+        if not files:
+            raise FileNotFoundError(f"no icons in {theme}/{c}; apt-get install -y adwaita-icon-theme")
+        for j in sorted(rng.permutation(len(files))[:per_class]):
+            im = Image.open(files[j]).convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            imgs.append(Image.alpha_composite(bg, im).convert("RGB").resize((size, size), Image.BICUBIC))
+            ys.append(c)
+    return imgs, ys
+
+
+def texture_images(per_class: int = 40, classes=TEXTURES, seed: int = 0, size: int = 128, scale=(0.1, 0.25)):
+    """(images, classes): grey patches of scikit-image's bundled grey pictures (brick, grass, gravel, ...)."""
+    rng = np.random.default_rng(seed)
+    imgs, ys = [], []
+    for c in classes:
+        src = Image.open(skimage_data_dir() / f"{c}.png").convert("L").convert("RGB")
+        imgs += [v.convert("L").convert("RGB") for v in photo_views(src, per_class, rng, size, scale=scale)]
+        ys += [c] * per_class
+    return imgs, ys

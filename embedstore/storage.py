@@ -1,12 +1,14 @@
 """The storage core: the only code that knows a store's directory.
 
     STORE/
-      manifest.json         schema version, versions (backbone name, weights, fingerprint, dim, preprocess), active
+      manifest.json         store format, versions (backbone name, weights, fingerprint, dim, preprocess), active
+                            (+ manifest.json.bak, its last written copy); see manifest.py
       lance/                LanceDB tables (schemas below): images, vectors_<version> (one per backbone
                             version), errors, labels, predictions, evals
       index/<version>.faiss FAISS index files and their JSON sidecars: caches, always rebuildable from lance/
       models/<version>.pt   fine-tuned weights (new backbone versions) and <version>.json training records
-      .lock                 write lock (fcntl), held by the one process writing
+      .lock                 write lock (fcntl), held by the one process writing; a store whose lock the user
+                            cannot open is read-only to them (reads work, writes raise StoreNotWritableError)
 
 Every vector row lives in the table of the backbone version it was made with, so vectors of two models
 are never mixed. Stage services (ingest, search, labels, loop) receive a `Storage` and use its table
@@ -15,9 +17,7 @@ helpers; none of them builds a path, a table name or an `id IN (...)` filter its
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import os
 import time
 from contextlib import contextmanager
@@ -28,13 +28,14 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from embedstore import manifest as mf
 from embedstore.clock import now_iso
-from embedstore.errors import StoreLockedError, StoreNotFoundError
+from embedstore.errors import StoreLockedError, StoreNotFoundError, StoreNotWritableError
 from embedstore.results import VectorSet
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-LOCK = ".lock"
+SCHEMA_VERSION = mf.FORMAT
+MANIFEST = mf.MANIFEST
+LOCK = mf.LOCK
 CHUNK = 2000  # ids per `id IN (...)` filter
 TS = pa.timestamp("us", tz="UTC")
 
@@ -43,28 +44,11 @@ IMAGES_SCHEMA = pa.schema(
 )
 ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("hash", pa.string()), ("error", pa.string()), ("time", TS)])
 LABELS_SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.string()), ("source", pa.string()), ("time", TS)])
-PREDICTIONS_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("label", pa.string()),
-        ("confidence", pa.float32()),
-        ("head", pa.string()),
-        ("version", pa.string()),
-        ("time", TS),
-    ]
-)
-EVALS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("time", TS),
-        ("version", pa.string()),
-        ("n_labels", pa.int64()),
-        ("n_classes", pa.int64()),
-        ("best_head", pa.string()),
-        ("best_accuracy", pa.float64()),
-        ("results", pa.string()),
-    ]
-)
+PREDICTIONS_SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.string()), ("confidence", pa.float32()),
+                                ("head", pa.string()), ("version", pa.string()), ("time", TS)])
+EVALS_SCHEMA = pa.schema([("run_id", pa.string()), ("time", TS), ("version", pa.string()), ("n_labels", pa.int64()),
+                          ("n_classes", pa.int64()), ("best_head", pa.string()), ("best_accuracy", pa.float64()),
+                          ("results", pa.string())])
 SCHEMAS = {
     "images": IMAGES_SCHEMA,
     "errors": ERRORS_SCHEMA,
@@ -144,6 +128,8 @@ class Storage:
     def check_free(root: Path) -> None:
         """Raise unless `root` can become a new store (missing, or an empty directory)."""
         root = Path(root)
+        if (root / mf.BACKUP).is_file() or ((root / "lance").is_dir() and any((root / "lance").iterdir())):
+            mf.read(root)  # store data without a manifest: CorruptStoreError saying how to recover
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise StoreNotFoundError(
                 f"{root} exists but is not an embedstore store (no {MANIFEST}); pick a new or empty directory"
@@ -151,17 +137,32 @@ class Storage:
 
     @classmethod
     def load(cls, root: Path, lock_timeout: float = 30.0) -> "Storage":
+        """Open an existing store: its manifest checked (CorruptStoreError, StoreFormatError) and, when of an
+        older format, migrated (on disk when the write lock can be had at once, else in memory)."""
         root = Path(root)
         if not cls.exists(root):
+            cls.check_free(root)  # a store that lost its manifest says so
             raise StoreNotFoundError(f"no store at {root}; create one with: embedstore add {root} IMAGES...")
-        return cls(root, json.loads((root / MANIFEST).read_text()), lock_timeout)
+        storage = cls(root, mf.read(root), lock_timeout)
+        if storage.manifest["schema_version"] < mf.FORMAT:
+            try:
+                with storage.write_lock(timeout=0):  # taking the lock migrates the files
+                    pass
+            except (StoreLockedError, StoreNotWritableError):
+                storage.manifest = mf.upgrade(root, storage.manifest, write_files=False)
+        return storage
 
     @classmethod
     def create(cls, root: Path, first_version: dict, version: str, lock_timeout: float = 30.0) -> "Storage":
         """A new store directory whose one backbone version (`first_version`, describe()'d) is active."""
         root = Path(root)
         cls.check_free(root)
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if e.errno not in mf.READ_ONLY_ERRNOS:
+                raise
+            raise StoreNotWritableError(f"cannot create store {root} ({e.strerror}); pick a folder you can write") from None
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created": now_iso("microseconds"),
@@ -187,13 +188,12 @@ class Storage:
         return self.manifest["versions"][version or self.active_version]
 
     def write_manifest(self) -> None:
-        """Atomic replace (temp file + rename); call under the write lock."""
-        tmp = self.root / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=2))
-        os.replace(tmp, self.root / MANIFEST)
+        """Atomic replace (temp file + rename) and a backup copy; call under the write lock."""
+        mf.write(self.root, self.manifest)
 
     def reload_manifest(self) -> None:
-        self.manifest = json.loads((self.root / MANIFEST).read_text())
+        """Re-read the manifest (checked); one of an older format is migrated in memory only."""
+        self.manifest = mf.upgrade(self.root, mf.read(self.root), write_files=False)
 
     def reserve_ids(self, n: int) -> int:
         """Reserve n new image ids (written to the manifest first: a kill never reuses them); returns the first."""
@@ -220,33 +220,37 @@ class Storage:
             finally:
                 self._lock_depth -= 1
             return
-        timeout = self.lock_timeout if timeout is None else timeout
-        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                    os.close(fd)
-                    raise StoreLockedError(
-                        f"store {self.root} is being written by another process (pid {holder}); "
-                        "wait for it to finish, or stop it, then retry"
-                    ) from None
-                time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        fd = mf.acquire_lock(self.root, self.lock_timeout if timeout is None else timeout)
         self._lock_depth = 1
         try:
             if self.exists(self.root):
-                self.reload_manifest()
+                self._read_and_migrate()
             yield
         finally:
             self._lock_depth = 0
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            mf.release_lock(fd)
+
+    def discard(self, made: str) -> bool:
+        """Delete this store when it holds no images or labels (a first add that found nothing); see
+        manifest.remove_store for `made`. Returns whether it was deleted."""
+        with self.write_lock():
+            if self.count("images") or self.count("labels"):
+                return False
+            mf.remove_store(self.root, made)
+        return True
+
+    def require_writable(self) -> None:
+        """Raise StoreNotWritableError now when this user cannot write the store (before slow work ending in a write)."""
+        os.close(mf.open_lock(self.root))
+
+    def _read_and_migrate(self) -> None:
+        """Under the lock: re-read the manifest; one of an older format is migrated on disk (files, then manifest)."""
+        m = mf.read(self.root)
+        if m["schema_version"] < mf.FORMAT:
+            self.manifest = mf.upgrade(self.root, m, write_files=True)
+            self.write_manifest()
+        else:
+            self.manifest = m
 
     # ---- tables -----------------------------------------------------------------------------
     def table_names(self) -> list[str]:
@@ -340,13 +344,9 @@ class Storage:
 
     def data_versions(self) -> dict[str, int | None]:
         """Table versions of the active vectors, labels and predictions: what UI caches key on."""
-        return {
-            "version": self.active_version,
-            "vectors": self.table_version(vectors_table_name(self.active_version)),
-            "labels": self.table_version("labels"),
-            "predictions": self.table_version("predictions"),
-            "images": self.table_version("images"),
-        }
+        names = {"vectors": vectors_table_name(self.active_version), "labels": "labels", "predictions": "predictions",
+                 "images": "images"}
+        return {"version": self.active_version, **{k: self.table_version(n) for k, n in names.items()}}
 
     def table_stamp(self, name: str) -> tuple | None:
         """(inode, mtime) of a table's commit directory (every LanceDB commit adds a file there): a check

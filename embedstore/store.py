@@ -22,7 +22,13 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from embedstore.errors import BackboneMismatchError, StoreNotFoundError
+from embedstore.check import CheckResult, check_path, check_store
+from embedstore.errors import (
+    BackboneLoadError,
+    BackboneMismatchError,
+    EmptyInputError,
+    StoreNotFoundError,
+)
 from embedstore.ingest.backbones import DEFAULT_BACKBONE, load_backbone, parse_name
 from embedstore.ingest.backbones.base import Backbone, file_digest
 from embedstore.ingest.ingest import IngestService
@@ -44,6 +50,7 @@ from embedstore.results import (
     LabelResult,
     PlateauResult,
     PruneResult,
+    RemoveResult,
     StoreInfo,
     Suggestion,
     UnlabelResult,
@@ -63,6 +70,7 @@ class Store:
         self.storage = storage
         self.device_request = device
         self._backbones: dict[str, Backbone] = {}
+        self._made: str | None = None  # "dir"/"contents" when open() created the store: a failed first add undoes it
         self.index = IndexCache(storage, gpu_default=device != "cpu")
         self.ingest = IngestService(storage, self.backbone_for, lambda: self.device, self.index.after_change)
         self.searching = SearchService(storage, self.backbone_for, self.index)
@@ -90,29 +98,58 @@ class Store:
         Storage.check_free(root)
         if not create:
             raise StoreNotFoundError(f"no store at {root}; create one with: embedstore add {path} IMAGES...")
-        name = backbone or DEFAULT_BACKBONE
-        parse_name(name)  # fail on a bad name before touching the disk
+        name = DEFAULT_BACKBONE if backbone is None else backbone
+        parse_name(name)  # fail on a bad name ("" included) before touching the disk
         bb = load_backbone(name, weights, device=resolve_device(device))
+        existed = root.exists()
         store = cls(Storage.create(root, bb.describe(), bb.version, lock_timeout), device)
         store._backbones[bb.version] = bb
+        store._made = "dir" if not existed else "contents"  # what a failed first add takes back
         return store
 
     def _check_backbone_request(self, backbone: str | None, weights: str | None) -> None:
+        """Refuse another backbone or other weights than the store's; weights with the store's digest at a
+        new path (the file was moved) are used from there on, and the manifest records the new path."""
         if backbone is None and weights is None:
             return
         active = self.version_info()
         same_name = backbone is None or str(parse_name(backbone)) == active["name"]
-        same_weights = weights is None or (
-            active.get("weights_id", "").endswith(file_digest(weights)) if Path(weights).is_file() else False
+        digest = None
+        if weights is not None:
+            if not Path(weights).expanduser().is_file():
+                raise BackboneLoadError(f"weights file not found: {weights}; pass an existing checkpoint to --weights")
+            digest = "sha256:" + file_digest(Path(weights).expanduser())
+        if same_name and (digest is None or active.get("weights_id") == digest):
+            if digest is not None:
+                self._use_weights_file(str(Path(weights).expanduser().resolve()), digest)
+            return
+        asked = backbone or active["name"]
+        if weights:
+            asked += f" with weights {weights} ({digest[:19]}...; the store's are {str(active.get('weights_id'))[:19]}...)"
+        raise BackboneMismatchError(
+            f"store {self.root} holds vectors of {active['name']} (version {self.active_version}); "
+            f"got {asked}. Omit --backbone/--weights to use the store's own, or create a new store"
         )
-        if not (same_name and same_weights):
-            asked = backbone or active["name"]
-            if weights:
-                asked += f" with weights {weights}"
-            raise BackboneMismatchError(
-                f"store {self.root} holds vectors of {active['name']} (version {self.active_version}); "
-                f"got {asked}. Omit --backbone/--weights to use the store's own, or create a new store"
-            )
+
+    def _use_weights_file(self, path: str, digest: str) -> None:
+        """Point every version whose weights have `digest` (and live outside the store) at `path`; saved in
+        the manifest under the write lock, or for this session only when the store cannot be written now."""
+
+        def stale(manifest: dict) -> list[str]:
+            return [v for v, e in manifest["versions"].items() if e.get("weights_id") == digest
+                    and e.get("weights") and os.path.isabs(e["weights"]) and e["weights"] != path]
+
+        if not stale(self.manifest):
+            return
+        try:
+            with self.write_lock(timeout=5.0):  # re-reads the manifest
+                for v in stale(self.manifest):
+                    self.manifest["versions"][v]["weights"] = path
+                self.storage.write_manifest()
+        except OSError:  # read-only or busy store (StoreNotWritableError, StoreLockedError): this session only
+            for v in stale(self.manifest):
+                self.manifest["versions"][v]["weights"] = path
+        self._backbones.clear()
 
     # ---- the storage core ----------------------------------------------------------------
     @property
@@ -151,7 +188,15 @@ class Store:
         bb = self._backbones.get(version)
         if bb is None:
             info = self.version_info(version)
-            bb = load_backbone(info["name"], self.storage.weights_file(version), device=self.device)
+            wf = self.storage.weights_file(version)
+            if wf is not None and not os.path.isfile(wf):
+                raise BackboneLoadError(
+                    f"the weights file of version {version} ({info['name']}), {wf}, is missing (moved or deleted); "
+                    + ("pass its new location with --weights NEW_PATH (in Python: embedstore.open(STORE, "
+                       "weights=NEW_PATH)); the file's sha256 must match the store's" if os.path.isabs(info["weights"])
+                       else "restore it from a backup, or switch versions with `embedstore use`")
+                )
+            bb = load_backbone(info["name"], wf, device=self.device)
             if bb.version != version:
                 raise BackboneMismatchError(
                     f"backbone {info['name']} now loads as version {bb.version}, but the store's vectors are "
@@ -169,16 +214,31 @@ class Store:
     # ---- ingest --------------------------------------------------------------------------
     def add(self, paths: Iterable[str | os.PathLike], *, batch_size: int | None = None, workers: int | None = None,
             progress: bool = True, gpu_decode: bool = False) -> AddResult:
-        """Add image files/folders: dedup by content hash, embed new images, commit in batches (kill-safe)."""
-        return self.ingest.add(paths, batch_size=batch_size, workers=workers, progress=progress, gpu_decode=gpu_decode)
+        """Add image files/folders: dedup by content hash, embed new images, commit in batches (kill-safe).
+
+        When the first add into a store that open() just created finds no image to add (a missing folder,
+        one without images), the store is taken back, so a retry may choose another backbone. (Files that
+        are there but unreadable keep the store: its errors table remembers them.)"""
+        made, self._made = self._made, None  # only the first add may take the store back
+        try:
+            return self.ingest.add(paths, batch_size=batch_size, workers=workers, progress=progress, gpu_decode=gpu_decode)
+        except EmptyInputError:
+            if made is not None:
+                self.storage.discard(made)
+            raise
 
     def pending_images(self, version: str | None = None) -> list[tuple[int, str]]:
         """Images with no vector in `version` (default: the active one), in id order."""
         return self.ingest.pending(version or self.active_version)
 
-    def remove(self, ids: Sequence[int] | None = None, paths: Sequence[str] | None = None) -> int:
-        """Remove images (their vectors in every version, labels, predictions) by id or path."""
-        return self.ingest.remove(ids or (), paths or ())
+    def remove(self, items: Iterable = (), *, ids: Sequence[int] | None = None, paths: Sequence[str] | None = None,
+               base: str | os.PathLike | None = None) -> RemoveResult:
+        """Remove images (their vectors in every version, labels, predictions) named by ids, paths or folders
+        (the files on disk are not touched); items not in the store are listed in `unknown`."""
+        items = [*items, *(int(i) for i in (ids if ids is not None else ())), *(paths or ())]
+        if not items:
+            raise EmptyInputError("nothing to remove; pass image paths, folders or ids")
+        return self.ingest.remove(*self.labeling.resolve_items(items, base))
 
     def errors(self) -> list[ImageError]:
         return self.ingest.errors()
@@ -309,7 +369,7 @@ class Store:
     def plateau(self, margin: float | None = None, window: int | None = None, version: str | None = None) -> PlateauResult:
         return self.loop.plateau(margin, window, version)
 
-    def finetune(self, method: str = "lora", epochs: int | None = None, if_plateau: bool = False, progress: bool = True,
+    def finetune(self, method: str = "last-blocks", epochs: int | None = None, if_plateau: bool = False, progress: bool = True,
                  **kw) -> FinetuneResult:
         """Fine-tune the active backbone on the labels; make, embed, index and maybe activate a new version."""
         return self.loop.finetune(method, epochs, if_plateau, progress, **kw)
@@ -322,3 +382,12 @@ class Store:
 
     def prune(self, version: str) -> PruneResult:
         return self.loop.prune(version)
+
+    # ---- integrity -----------------------------------------------------------------------
+    def check(self, repair: bool = False) -> CheckResult:
+        """Verify the whole store (manifest, tables, vectors, labels, index checksums, weights, temp files); with
+        repair=True fix what is safe (embedstore/check.py lists what). Also callable on the class with a path,
+        `Store.check(PATH, repair)`, for a store that cannot be opened (a damaged manifest)."""
+        if isinstance(self, Store):
+            return check_store(self.storage, self.index, repair)
+        return check_path(self, repair)

@@ -1,8 +1,9 @@
 """A real fine-tune on CPU: packaged EfficientNet-Lite0 on scikit-learn digits (out of its ImageNet domain).
 
 One module-scoped run does the expensive part once: label 10 digits per class, start `finetune` in a
-subprocess, SIGKILL it while it re-embeds, check the old version is still active, rerun to finish. The
-tests then check what that run left: accuracy, counts, versions, rollback, search, info.
+subprocess, SIGKILL it while it re-embeds, check the old version is still active, rerun (`embedstore
+finetune --json`) to finish. The tests then check what that run left: the decision and its explanation,
+accuracy, counts, versions, rollback, search, info.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from embedstore.results import FinetuneResult
 slow = pytest.mark.slow  # the module-scoped fine-tune takes minutes on 2 CPU cores
 
 SHOTS = 10
-TRAIN = {"epochs": 4, "holdout": 0.3}  # 7 train + 3 held-out labels per class
+TRAIN = {"epochs": 4, "holdout": 0.3}  # per class: 2 decision labels (25%), then 2 selection + 6 train
 
 CHILD = """
 import sys, embedstore, embedstore.ingest.ingest as ing
@@ -82,8 +83,11 @@ def run(digits_store_path, tmp_path_factory):
     proc.wait(timeout=60)
     after_kill = json.loads((root / "manifest.json").read_text())
 
+    # the CLI finds the unfinished version and completes it
+    res = CliRunner().invoke(app, ["finetune", str(root), "--json"])
+    assert res.exit_code == 0, res.output
+    result = FinetuneResult(**json.loads(res.stdout))
     s = embedstore.open(root, create=False)
-    result = s.finetune(progress=False, **TRAIN)  # finds the unfinished version and completes it
     return {
         "root": root, "store": s, "old": old, "new": new, "partial": partial, "killed": proc.returncode,
         "after_kill": after_kill, "result": result, "labels": labels, "truth": truth, "n_images": n_images,
@@ -111,15 +115,24 @@ def test_rerun_finishes_the_job(run):
 
 
 @slow
-def test_finetune_raises_accuracy_over_frozen_backbone(run):
+def test_decision_uses_unseen_labels_and_explains_itself(run):
     s, r = run["store"], run["result"]
     before = unlabeled_centroid_accuracy(s, run["old"], run["labels"], run["truth"])
     after = unlabeled_centroid_accuracy(s, run["new"], run["labels"], run["truth"])
-    print(f"unlabeled accuracy frozen {before:.3f} -> fine-tuned {after:.3f}; held-out {r.holdout}")
-    assert after > before
-    assert r.status == "activated" and s.active_version == run["new"]
-    new, old = r.holdout["new"], r.holdout["parent"]
-    assert new["accuracy"] > old["accuracy"] or (new["accuracy"] == old["accuracy"] and new["log_loss"] < old["log_loss"])
+    print(f"unlabeled accuracy frozen {before:.3f} -> fine-tuned {after:.3f}; decision {r.decision}; {r.forgetting}")
+    d, f = r.decision, r.forgetting
+    assert {"estimate", "low", "high", "se", "margin", "n", "old", "new", "compared", "reason", "activate"} <= set(d)
+    assert d["n"] == 20 and d["low"] <= d["estimate"] <= d["high"] and "decision labels neither saw" in d["compared"]
+    assert f["n"] > 0 and 0 <= f["recall_new"] <= 1 and f["drop"] == pytest.approx(f["recall_old"] - f["recall_new"], abs=1e-3)
+    assert r.activated == (d["low"] > d["margin"] and f["drop"] <= d["max_forgetting"])
+    assert (s.active_version == run["new"]) == r.activated and r.status == ("activated" if r.activated else "kept")
+    assert d["reason"] in r.message
+    # the decision labels were never trained or selected on; the manifest and the record say which were
+    e = s.version_info(run["new"])["finetune"]
+    side = json.loads((run["root"] / "models" / f"{run['new']}.json").read_text())
+    assert len(e["decision_ids"]) == 20 and not set(e["decision_ids"]) & (set(e["trained_ids"]) | set(e["selection_ids"]))
+    assert set(map(int, side["train"])) == set(e["trained_ids"]) and set(map(int, side["decision"])) == set(e["decision_ids"])
+    assert set(e["trained_ids"]) | set(e["selection_ids"]) | set(e["decision_ids"]) == set(run["labels"])
 
 
 @slow

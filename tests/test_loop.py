@@ -127,3 +127,139 @@ def test_versions_of_a_new_store(digits_store):
 def test_commands_have_help(cmd):
     res = CliRunner().invoke(app, [cmd, "--help"])
     assert res.exit_code == 0 and len(res.output) > 100
+
+
+# ---- the activation decision (loop/decide.py): given vectors / correctness, no training ------------------
+def _clusters(seed=0, n_cls=10, per=16, dim=32, noise=1.1):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    C = rng.normal(size=(n_cls, dim))
+    y = np.repeat([f"c{k}" for k in range(n_cls)], per)
+    X = C[np.repeat(np.arange(n_cls), per)] + noise * rng.normal(size=(n_cls * per, dim))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X.astype("float32"), y
+
+
+def _loo_centroid_accuracy(X, y):
+    """What a check on the trained images would see: leave-one-out nearest centroid among them."""
+    import numpy as np
+
+    hits = 0
+    for i in range(len(y)):
+        m = np.arange(len(y)) != i
+        cls = sorted(set(y[m]))
+        C = np.stack([X[m][y[m] == c].mean(0) for c in cls])
+        hits += cls[int(np.argmax(C @ X[i]))] == y[i]
+    return hits / len(y)
+
+
+def test_memorising_fine_tune_is_not_activated():
+    """A 'fine-tune' that moves only the images it trained on onto perfect class codes looks flawless on
+    those images, but the decision uses labels it never saw: no gain there, so it is not activated."""
+    import numpy as np
+
+    from embedstore.loop.decide import decide, head_correctness, paired_comparison
+    from embedstore.loop.finetune import split_holdout
+
+    X_old, y = _clusters()
+    ids = list(range(len(y)))
+    seen, dec = split_holdout(ids, list(y), 0.25, seed=1)
+    X_new = X_old.copy()
+    codes = {c: np.eye(X_old.shape[1])[k] for k, c in enumerate(sorted(set(y)))}
+    X_new[seen] = np.stack([codes[y[i]] for i in seen])  # memorised: the trained images, and only those, move
+    assert _loo_centroid_accuracy(X_new[seen], y[seen]) == 1.0 > _loo_centroid_accuracy(X_old[seen], y[seen])
+    old = head_correctness(X_old[seen], y[seen], X_old[dec], y[dec])
+    new = head_correctness(X_new[seen], y[seen], X_new[dec], y[dec])
+    cmp = paired_comparison(old, new, margin=0.0)
+    assert cmp["n"] == len(dec) == 40 and cmp["low"] <= cmp["estimate"] <= cmp["high"]
+    activate, why = decide(cmp, None, 0.1, len(dec), 20)
+    assert not cmp["better"] and not activate
+    assert "not better on labels it never saw" in why and "80% interval" in why
+
+
+def test_real_gain_on_unseen_labels_is_activated_and_margin_counts():
+    import numpy as np
+
+    from embedstore.loop.decide import decide, paired_comparison
+
+    rng = np.random.default_rng(0)
+    old = {"linear": rng.random(60) < 0.6, "knn": rng.random(60) < 0.5}
+    new = {"linear": old["linear"] | (rng.random(60) < 0.6), "knn": old["knn"].copy()}  # strictly more right
+    cmp = paired_comparison(old, new)
+    assert cmp["estimate"] > 0.15 and cmp["low"] > 0 and cmp["better"]
+    assert cmp["new"]["head"] == "linear" and set(cmp["old"]["heads"]) == {"linear", "knn"}
+    assert decide(cmp, None, 0.1, 60, 20)[0]
+    strict = paired_comparison(old, new, margin=cmp["high"] + 0.01)  # a margin above the whole interval
+    assert not strict["better"] and not decide(strict, None, 0.1, 60, 20)[0]
+    # a small gain on few images: the interval reaches below 0, not activated
+    tiny_new = {k: v.copy() for k, v in old.items()}
+    tiny_new["linear"][np.flatnonzero(~old["linear"])[:1]] = True  # one more image right
+    small = paired_comparison(old, tiny_new)
+    assert small["estimate"] > 0 and small["low"] <= 0 and not small["better"]
+
+
+def test_too_few_decision_labels_refuse_and_forgetting_refuses():
+    import numpy as np
+
+    from embedstore.loop.decide import decide, labels_needed, paired_comparison
+
+    ok, why = decide(None, None, 0.1, 10, 20)
+    assert not ok and "too few labels to decide: 10 decision labels, at least 20" in why
+    old = {"linear": np.zeros(40, bool)}
+    cmp = paired_comparison(old, {"linear": np.ones(40, bool)})
+    forget = {"k": 5, "recall_old": 0.95, "recall_new": 0.70, "drop": 0.25}
+    ok, why = decide(cmp, forget, 0.10, 40, 20)
+    assert not ok and "search on the other images degrades" in why and "0.950 -> 0.700" in why
+    assert decide(cmp, forget, 0.30, 40, 20)[0]  # the threshold is the override
+    assert labels_needed(10, 0.25, 20) == 6  # round(0.25 * 6) = 2 per class
+    assert labels_needed(2, 0.25, 20) == 38
+
+
+def test_too_few_labels_to_decide_trains_nothing(digits_store):
+    s = digits_store
+    ids, paths, _ = s.vectors()
+    by = {}
+    for i, p in zip(ids, paths):
+        by.setdefault(p.split("/")[-2], []).append(int(i))
+    for c, members in by.items():
+        s.label(members[:4], c)  # 4 per class: 10 decision labels < 20
+    before = json.loads((s.root / "manifest.json").read_text())
+    r = s.finetune(progress=False)
+    assert r.status == "too-few-labels" and r.version is None and not r.activated
+    assert "too few labels to decide" in r.message and "label about 6 images per class" in r.message
+    assert json.loads((s.root / "manifest.json").read_text()) == before
+    res = CliRunner().invoke(app, ["finetune", str(s.root), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["status"] == "too-few-labels" and "Nothing trained" in d["message"]
+    res = CliRunner().invoke(app, ["finetune", str(s.root)])
+    assert res.exit_code == 0 and "too-few-labels" in res.output and "Traceback" not in res.output
+
+
+def test_forgetting_measure_sees_lost_near_duplicates(photo_store_path):
+    """recall@k of altered views: the same backbone keeps it; a version whose store vectors no longer sit
+    where its backbone puts the views (here: each image's vector swapped with another's) loses it, which
+    warns and refuses activation even when the labels say better."""
+    import numpy as np
+
+    import embedstore
+    from embedstore.ingest.backbones import load_backbone
+    from embedstore.loop.decide import decide, paired_comparison
+    from embedstore.loop.forgetting import forgetting_warning, near_duplicate_recall
+
+    s = embedstore.open(photo_store_path, create=False)
+    vs = s.vectors()
+    bb = load_backbone("offline:efficientnet_lite0")
+    same = near_duplicate_recall(bb, bb, vs.ids, list(vs.paths), vs.vectors, vs.vectors, set(), n=8, seed=0)
+    assert same["n"] == 8 and same["drop"] == 0 and same["recall_old"] >= 0.75 and same["neighbour_overlap"] == 1.0
+    assert forgetting_warning(same) is None
+    swapped = vs.vectors[np.roll(np.arange(len(vs.ids)), 40)]
+    f = near_duplicate_recall(bb, bb, vs.ids, list(vs.paths), vs.vectors, swapped, set(), n=8, seed=0)
+    assert f["recall_new"] < 0.3 and f["drop"] > 0.5
+    assert "dropped" in forgetting_warning(f)
+    cmp = paired_comparison({"linear": np.zeros(40, bool)}, {"linear": np.ones(40, bool)})
+    ok, why = decide(cmp, f, 0.10, 40, 20)
+    assert not ok and "degrades" in why
+    labeled = {int(i) for i in vs.ids[:77]}  # labeled images are never sampled
+    assert near_duplicate_recall(bb, bb, vs.ids, list(vs.paths), vs.vectors, vs.vectors, labeled, n=8)["n"] == 3

@@ -30,7 +30,7 @@ PAGES = {
 
 def store_path() -> str | None:
     # `streamlit run app.py -- STORE` leaves sys.argv == [app.py, STORE]; under AppTest argv is pytest's
-    if len(sys.argv) > 1 and Path(sys.argv[0]).name == Path(__file__).name:
+    if len(sys.argv) > 1 and Path(sys.argv[0]).name in (Path(__file__).name, "server.py"):
         return sys.argv[1]
     return os.environ.get("EMBEDSTORE_STORE")
 

@@ -8,8 +8,10 @@ and the next rerun sees it). Results of the Store are read by attribute (embedst
 
 from __future__ import annotations
 
+import re
 import threading
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -17,12 +19,13 @@ import pandas as pd
 import streamlit as st
 
 import embedstore
-from embedstore.errors import EmbedstoreError
+from embedstore.errors import EmbedstoreError, StoreLockedError
 
 from . import thumbs
 
 UNKNOWN = "(unknown)"  # the bucket of images the heads abstained on
 NEW_CLASS = "+ new class…"
+WRITE_WAIT_S = 60.0  # how long a UI write waits for another process (a CLI add, ...) to release the store
 
 
 # ---- the store ----------------------------------------------------------------------------------
@@ -44,10 +47,55 @@ def writing(store):
         yield
 
 
+def _holder(e: StoreLockedError) -> str:
+    m = re.search(r"\(pid ([^)]*)\)", str(e))
+    return m.group(1) if m else "?"
+
+
+@contextmanager
+def write_access(store, wait: float | None = None, notify: Callable[[str], None] | None = None):
+    """The store's write lock, for one UI write. While another process holds it, say so at once (`notify`,
+    default: an info line in the page, which Streamlit sends to the browser as it is drawn) and wait up to
+    `wait` s (WRITE_WAIT_S); then StoreLockedError saying nothing was saved. A wait is recorded for
+    waited_note()."""
+    wait = WRITE_WAIT_S if wait is None else wait
+    with writing(store), ExitStack() as held:
+        try:
+            held.enter_context(store.write_lock(timeout=0))
+        except StoreLockedError as e:
+            pid = _holder(e)
+            note = None
+            if notify is None:
+                note = st.empty()
+                notify = note.info
+            notify(f"waiting for another process writing the store (pid {pid})…")
+            t0 = time.monotonic()
+            try:
+                held.enter_context(store.write_lock(timeout=wait))
+            except StoreLockedError:
+                raise StoreLockedError(
+                    f"gave up after {wait:g} s waiting for another process writing the store (pid {pid}); nothing "
+                    "was saved: try again when it has finished"
+                ) from None
+            finally:
+                if note is not None:
+                    note.empty()
+            waited = time.monotonic() - t0
+            st.session_state["write_waited"] = f"after waiting {waited:.0f} s for pid {pid} to finish writing"
+        yield
+
+
+def waited_note() -> str:
+    """" (after waiting N s for pid P to finish writing)" once after a write that had to wait, else ""."""
+    note = st.session_state.pop("write_waited", None)
+    return f" ({note})" if note else ""
+
+
 def run_write(store, fn: Callable, *args, **kw):
-    """Run a store write; a library error is shown as one line instead of a traceback. None on error."""
+    """Run a store write (waiting, with a message, while another process writes); a library error is shown
+    as one line instead of a traceback. None on error."""
     try:
-        with writing(store):
+        with write_access(store):
             return fn(*args, **kw)
     except EmbedstoreError as e:
         st.error(str(e))
@@ -245,13 +293,16 @@ def class_picker(store, key: str, label: str = "class") -> str | None:
     return choice
 
 
-def refresh_predictions(store) -> None:
-    """Re-run the few-shot heads over the store (no retraining step: heads fit in seconds)."""
+def refresh_predictions(store) -> str:
+    """Re-run the few-shot heads over the store (no retraining step: heads fit in seconds). Returns "" or,
+    when they could not run, the one-line reason (also shown), for a caller that reruns the page to keep."""
     if len(set(labels(store).values())) < 2:  # the heads need two classes
-        return
+        return ""
     with st.spinner("updating predictions…"):
         try:
-            with writing(store):
+            with write_access(store):
                 store.classify()
         except EmbedstoreError as e:
             st.info(f"predictions not updated: {e}")
+            return f"predictions not updated: {e}"
+    return ""

@@ -39,9 +39,10 @@ def _save(store, ids: list[int], cls: str) -> None:
         return
     for i in ids:
         st.session_state.pop(f"label_sel_{i}", None)
-    st.session_state["label_msg"] = f"labeled {len(ids)} image(s) as “{cls}”"
-    if st.session_state.get("label_refresh", True):
-        common.refresh_predictions(store)
+    msg = f"labeled {len(ids)} image(s) as “{cls}”" + common.waited_note()
+    if st.session_state.get("label_refresh", True) and (failed := common.refresh_predictions(store)):
+        msg += f"; {failed}"
+    st.session_state["label_msg"] = msg
     st.session_state["label_batch"] = None  # the next batch takes the new labels into account
     st.rerun()
 

@@ -60,8 +60,9 @@ def _evaluation(store) -> None:
     hist = common.call(store, "eval_history", default=[]) or []
     if st.button("run evaluation now", key="review_eval"):
         with st.spinner("few-shot evaluation…"):
-            common.run_write(store, store.evaluate)
-        st.rerun()
+            done = common.run_write(store, store.evaluate)
+        if done is not None:  # else the one-line error stays on the page
+            st.rerun()
     if not hist:
         st.caption("no evaluation yet: press the button, or run `embedstore eval STORE`")
         return
@@ -92,8 +93,10 @@ def _apply(store, ids: list[int], cls: str, verb: str) -> None:
         return
     for i in ids:
         st.session_state.pop(f"review_sel_{i}", None)
-    st.session_state["review_msg"] = f"{verb} {len(ids)} image(s) as “{cls}”"
-    common.refresh_predictions(store)
+    msg = f"{verb} {len(ids)} image(s) as “{cls}”" + common.waited_note()
+    if failed := common.refresh_predictions(store):
+        msg += f"; {failed}"
+    st.session_state["review_msg"] = msg
     st.rerun()
 
 
@@ -114,8 +117,7 @@ def render(store) -> None:
     if len(preds) == 0:
         st.info("no predictions yet: label a few images of two or more classes (Label page), "
                 "or run `embedstore classify STORE`")
-        if st.button("classify now", key="review_classify"):
-            common.refresh_predictions(store)
+        if st.button("classify now", key="review_classify") and not common.refresh_predictions(store):
             st.rerun()
         return
 

@@ -7,18 +7,29 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import streamlit as st
-from PIL import Image
+from PIL import Image, ImageOps
+
+from embedstore.errors import EmbedstoreError
 
 from . import common
+
+PREVIEW = 320  # pixels, the longer side of the query preview
 
 
 def _on_upload() -> None:
     f = st.session_state.get("search_upload")
     if f is not None:
         data = f.getvalue()
-        st.session_state["search_query"] = {"image": data, "name": f.name, "sha": hashlib.sha1(data).hexdigest()}
+        name = Path(f.name).name or "upload"  # a file name only, never a client path
+        st.session_state["search_query"] = {"image": data, "name": name, "sha": hashlib.sha1(data).hexdigest()}
+    elif "image" in (st.session_state.get("search_query") or {}):
+        st.session_state.pop("search_query")  # the upload was removed: so is its query
 
 
 def _on_text() -> None:
@@ -51,6 +62,21 @@ def _keep(label, prediction, f_lab: set, f_pred: set) -> bool:
     return True
 
 
+@st.cache_data(max_entries=8, show_spinner=False)
+def _preview(sha: str, _data: bytes) -> bytes:
+    """A small PNG of an upload the search already read (so not a decompression bomb); 16-bit grey scaled
+    to 8 bits for display."""
+    im = Image.open(io.BytesIO(_data))
+    im.draft("RGB", (PREVIEW, PREVIEW))
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16"):
+        im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+    im.thumbnail((PREVIEW, PREVIEW))
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
 def _query_view(store, q: dict) -> None:
     """Show what the search is for, next to the results."""
     if "id" in q:
@@ -58,7 +84,10 @@ def _query_view(store, q: dict) -> None:
         if f is not None:
             st.image(str(f), caption=f"query: image #{q['id']}", width=160)
     elif "image" in q:
-        st.image(Image.open(io.BytesIO(q["image"])), caption=f"query: {q['name']}", width=160)
+        try:
+            st.image(_preview(q["sha"], q["image"]), caption=f"query: {q['name']}", width=160)
+        except (OSError, ValueError, SyntaxError):  # the search used it; only the preview failed
+            st.caption(f"query: {q['name']}")
     else:
         st.markdown(f"query: **“{q['text']}”**")
 
@@ -84,34 +113,60 @@ def where_clause(f_lab: set, f_pred: set) -> str | None:
     return " AND ".join(parts) or None
 
 
+def _search_upload(store, q: dict, **kw) -> list:
+    """Search by an uploaded file, read by the library as `search --image FILE` reads it (same checks: not
+    an image, truncated, decompression bomb). Errors name the upload, never the temporary file."""
+    name = q["name"]
+    safe = re.sub(r"[^\w.-]", "_", name)[-100:].lstrip(".") or "upload"
+    with tempfile.TemporaryDirectory(prefix="embedstore-upload-") as d:
+        path = Path(d) / safe
+        path.write_bytes(q["image"])
+        try:
+            return store.search(image=str(path), **kw)
+        except EmbedstoreError as e:
+            raise EmbedstoreError(_scrub(str(e), d, safe, name)) from None
+        except Image.DecompressionBombError as e:  # Pillow's own, should the library let it through
+            raise EmbedstoreError(f"cannot use {name} as a query: {_scrub(str(e), d, safe, name)}; "
+                                  "upload a smaller image") from None
+
+
+def _scrub(msg: str, tmp: str, safe: str, name: str) -> str:
+    """The message on one line, the temporary file's path replaced by the upload's name."""
+    for d in {tmp, str(Path(tmp).resolve())}:
+        msg = msg.replace(f"{d}/{safe}", name).replace(d, "")
+    return " ".join(msg.split())
+
+
 @st.cache_data(max_entries=32, show_spinner=False)
 def _run_search(root: str, vkey: tuple, tkey: tuple, qkey: tuple, k: int, where: str | None, _store, _q: dict) -> list:
     kw = {"k": k, "where": where}
     if "image" in _q:
-        kw["image"] = Image.open(io.BytesIO(_q["image"])).convert("RGB")
-    elif "text" in _q:
+        return _search_upload(_store, _q, **kw)
+    if "text" in _q:
         kw["text"] = _q["text"]
     else:
         kw["id"] = _q["id"]
     return _store.search(**kw)  # list[Hit]
 
 
-def _results(store, q: dict, k: int, f_lab: set, f_pred: set) -> None:
+def _results(store, q: dict, k: int, f_lab: set, f_pred: set) -> bool:
+    """The result grid; False (with a one-line error) when the search failed."""
     qkey = tuple(sorted((a, b) for a, b in q.items() if a != "image"))
     tkey = common.data_key(store, "labels", "predictions")
     try:
         with st.spinner("searching…"):
             hits = _run_search(str(store.root), common.embeddings_key(store), tkey, qkey, k, where_clause(f_lab, f_pred),
                                store, q)
-    except common.EmbedstoreError as e:
+    except EmbedstoreError as e:
         st.error(str(e))
-        return
+        return False
     conf = common.confidences(store, [h.id for h in hits])
     shown = [{"id": h.id, "caption": f"{h.score:.3f} · #{h.id} " + common.describe(h.label, h.prediction, c)}
              for h, c in zip(hits, conf)]
     what = "other images nearest to it" if "id" in q else "nearest images"
     st.caption(f"{len(shown)} {what} (cosine similarity)" + (" matching the filters" if f_lab or f_pred else ""))
     common.grid(store, shown, "search_res")
+    return True
 
 
 def _browse(store, f_lab: set, f_pred: set, per_page: int) -> None:
@@ -148,8 +203,9 @@ def render(store) -> None:
         _browse(store, f_lab, f_pred, k)
         return
     c1, c2 = st.columns([1, 5])
-    with c1:
-        _query_view(store, q)
-        st.button("clear query", key="search_clear", on_click=_clear)
+    c1.button("clear query", key="search_clear", on_click=_clear)  # first: whatever fails below, it is there
     with c2:
-        _results(store, q, k, f_lab, f_pred)
+        ok = _results(store, q, k, f_lab, f_pred)
+    if ok or "image" not in q:  # an upload is previewed only once the search has read it safely
+        with c1:
+            _query_view(store, q)

@@ -7,12 +7,30 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol, Sequence
 
+import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+# What opening a bad file raises (besides Image.DecompressionBombError, which is none of these).
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+# Pillow warns (stderr, two lines) when an image is over its pixel limit; check_pixel_limit refuses such
+# images before decoding with an error that says so, so the warning is only noise in front of it.
+_QUIET = ("ignore", None, Image.DecompressionBombWarning, None, 0)
+
+
+def _quiet_bomb_warning() -> None:
+    """Install the filter (again: a catch_warnings block that was active at import time drops it on exit)."""
+    if _QUIET not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+_quiet_bomb_warning()
 
 
 class DraftTarget(Protocol):
@@ -41,13 +59,36 @@ def load_image(src, pre: DraftTarget | None = None) -> Image.Image:
 
     Raises on unreadable, truncated, non-image and decompression-bomb files.
     """
-    im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+    _quiet_bomb_warning()
+    try:
+        im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses in open(); same advice as ours
+        raise Image.DecompressionBombError(
+            f"{str(e).rstrip('.')}; raise PIL.Image.MAX_IMAGE_PIXELS to accept it"
+        ) from None
     check_pixel_limit(im)
     if pre is not None and im.format == "JPEG":
         target = pre.resize_size
         im.draft("RGB", (target, target))  # decode at 1/2, 1/4, 1/8 scale when the file is large
     im.load()
     im = ImageOps.exif_transpose(im)
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB of any mode. 16/32-bit integer and float greyscale are scaled to 8 bits first (Pillow's
+    convert("RGB") clips them at 255, which turns a 16-bit scan nearly white)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if im.mode.startswith("I;16") or (im.mode == "I" and 255 < top <= 65535 and a.min() >= 0):
+            a = a / 257.0  # 16-bit 0..65535 -> 0..255
+        elif im.mode == "F" and top <= 1.0 and a.min() >= 0:  # float data in 0..1
+            a = a * 255.0
+        elif top > 255 or (a.size and a.min() < 0):  # other 32-bit int / float data: stretch the used range
+            lo = float(a.min())
+            a = (a - lo) * (255.0 / max(top - lo, 1e-12))
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     return im.convert("RGB")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -19,7 +18,7 @@ from embedstore.errors import EmptyInputError, NoImagesAddedError
 from embedstore.ingest.backbones.base import Backbone
 from embedstore.ingest.pipeline import EmbedStats, embed_items, list_image_files
 from embedstore.progress import progress_bar, progress_iter
-from embedstore.results import AddResult, ImageError
+from embedstore.results import AddResult, ImageError, RemoveResult
 from embedstore.storage import Storage, content_hash, id_in, sql_str, vectors_table_name
 
 COMMIT_EVERY = 256  # images per vector commit: a kill loses at most this much work
@@ -57,8 +56,12 @@ class IngestService:
             raise EmptyInputError("no paths given; pass image files or folders to add")
         files, missing = list_image_files(paths)
         if not files:
-            what = ", ".join(missing[:3]) if missing else ", ".join(map(str, paths[:3]))
-            raise EmptyInputError(f"no image files found in {what}; pass image files or folders holding them")
+            if missing:
+                more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+                raise EmptyInputError(f"not found: {', '.join(missing[:3])}{more}; check the path(s) and pass image "
+                                      "files or folders that exist")
+            raise EmptyInputError(f"no image files found in {', '.join(map(str, paths[:3]))}; pass image files or "
+                                  "folders holding them")
         res = AddResult(missing_paths=missing)
         st = self.storage
         with st.write_lock():
@@ -106,6 +109,7 @@ class IngestService:
             known_hashes.add(h)
             rows.append({"path": path, "hash": h, "size": size, "added": now()})
         if replaced:
+            res.labels_dropped = self._labeled_paths(replaced)
             st.delete_ids_everywhere(replaced)
             res.replaced = len(replaced)
         if not rows:
@@ -116,6 +120,12 @@ class IngestService:
         for i in range(0, len(rows), 5000):
             st.add_rows("images", rows[i : i + 5000])
         return {r["id"] for r in rows}
+
+    def _labeled_paths(self, ids: Sequence[int]) -> list[str]:
+        """Paths of the images among `ids` that carry a label (it goes when the image is replaced)."""
+        t = self.storage.read_ids("labels", ids, ["id"])
+        labeled = set() if t is None else set(t.column("id").to_pylist())
+        return sorted(self.storage.paths_for(sorted(labeled)).values()) if labeled else []
 
     # ---- embedding ------------------------------------------------------------------------------
     def pending(self, version: str) -> list[tuple[int, str]]:
@@ -210,19 +220,17 @@ class IngestService:
         self.on_vectors_changed(st.active_version)
 
     # ---- remove / errors ------------------------------------------------------------------------
-    def remove(self, ids: Sequence[int] = (), paths: Sequence[str] = ()) -> int:
-        """Remove images (their vectors in every version, labels, predictions) by id or path."""
+    def remove(self, ids: Sequence[int], unknown: Sequence[str] = ()) -> RemoveResult:
+        """Remove images (their vectors in every version, labels, predictions) by id; `unknown` (items the
+        caller could not find in the store) is passed through to the result."""
         st = self.storage
         ids = [int(i) for i in ids]
-        if paths:
-            by_path, _ = st.image_index()
-            ids += [by_path[p] for p in (str(Path(p).expanduser().resolve()) for p in paths) if p in by_path]
-        if not ids:
-            return 0
-        with st.write_lock():
-            n = st.delete_ids_everywhere(ids)
-            self._vectors_changed()
-        return n
+        res = RemoveResult(removed=0, unknown=list(unknown))
+        if ids:
+            with st.write_lock():
+                res.removed = st.delete_ids_everywhere(ids)
+                self._vectors_changed()
+        return res
 
     def errors(self) -> list[ImageError]:
         t = self.storage.read_table("errors")

@@ -120,6 +120,8 @@ class ClassifyService:
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise InvalidArgumentError(f"threshold {threshold} is outside 0..1; pass a probability such as 0.5")
         t0 = time.perf_counter()
+        if persist:
+            self.storage.require_writable()  # fail before the work, not after it
         h, vs, lab, unl = self.fit_head(head, **head_kw)
         chosen = _head_label(h, head)
         target = unl if ids is None else self._positions(vs, ids)
@@ -134,12 +136,20 @@ class ClassifyService:
             self._attach_explanations(preds, vs, lab, target, k_explain)
         if persist:
             self._write_predictions(preds, vs.version, replace_all=ids is None)
+        skipped = self._without_vector(vs) if ids is None else 0
         return ClassifyResult(
             head=head, chosen=chosen, reason=describe_choice(h, head, len(lab)), version=vs.version,
             classes=list(h.classes), n_labels=int(len(lab)), threshold=threshold, predictions=preds,
             per_class=_per_class(preds, h.classes), unknown=sum(1 for p in preds if p.label is None),
-            seconds=round(time.perf_counter() - t0, 4),
+            seconds=round(time.perf_counter() - t0, 4), skipped=skipped,
+            skipped_reason=None if not skipped else (
+                f"{skipped} image(s) have no vector in version {vs.version} (an add that was interrupted) and got no "
+                "prediction; run `embedstore add STORE PATHS` again to embed them, then classify"),
         )
+
+    def _without_vector(self, vs: VectorSet) -> int:
+        """Images in the store that have no vector in `vs`'s version (left out of a classify)."""
+        return len(self.storage.image_ids() - set(vs.ids.tolist()))
 
     @staticmethod
     def _positions(vs: VectorSet, ids: Sequence[int]) -> np.ndarray:

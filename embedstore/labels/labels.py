@@ -143,15 +143,16 @@ class LabelService:
                     f"{path} has columns {reader.fieldnames}; it needs a header with columns path,label"
                 )
             name = {c.strip().lower(): c for c in reader.fieldnames}
-            pairs = [
-                (r[name["path"]].strip(), r[name["label"]].strip())
-                for r in reader
-                if (r.get(name["path"]) or "").strip() and (r.get(name["label"]) or "").strip()
-            ]
+            rows = [((r.get(name["path"]) or "").strip(), (r.get(name["label"]) or "").strip()) for r in reader]
+        pairs = [(p, c) for p, c in rows if p and c]
+        skipped = sum(1 for p, c in rows if (p or c) and not (p and c))  # blank lines are not rows
         if not pairs:
-            raise EmptyInputError(f"{path} has no rows with both a path and a label")
+            raise EmptyInputError(
+                f"{path} has no rows with both a path and a label"
+                + (f" ({skipped} row(s) miss one of them)" if skipped else "")
+            )
         res = self.label_many(pairs, source, base=path.parent)
-        res.source_file = str(path)
+        res.source_file, res.skipped_rows = str(path), skipped
         return res
 
     def label_folders(self, root: str | os.PathLike, source: str = "human") -> LabelResult:

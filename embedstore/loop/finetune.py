@@ -9,10 +9,13 @@ Methods (all start from the active backbone's weights):
 During training a cosine classifier sits on top of the pooled features, initialised from the class
 centroids of the frozen vectors (so step 0 is already the centroid head); it is discarded afterwards:
 the store keeps only the backbone. BatchNorm statistics stay frozen (eval mode): few images make poor
-batch statistics. Augmentation: RandomResizedCrop + horizontal flip. Early stopping watches the
-held-out fold's loss; the best epoch's weights are kept, and epoch 0 (the untouched backbone) competes
-too, so a run that only hurts says so instead of producing a worse model. On CUDA: bf16/fp16 autocast
-and channels_last.
+batch statistics. Augmentation: RandomResizedCrop + horizontal flip (augment="strong": + TrivialAugmentWide).
+With a selection fold (holdout > 0), early stopping watches its loss; the best epoch's weights are kept,
+and epoch 0 (the untouched backbone) competes too, so a run that only hurts says so instead of producing
+a worse model; without one (holdout=0) a fixed schedule of `epochs` runs. Optional LP-FT (probe_epochs)
+and WiSE-FT (wise_alpha) recipes: loop/train_recipe.py. The items passed in are only the labels the
+backbone may train and select on: the activation decision's labels are kept out by the caller
+(loop/decide.py). On CUDA: bf16/fp16 autocast and channels_last.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from embedstore.loop.train_data import (
     image_transforms,
     split_holdout,
 )
+from embedstore.loop.train_recipe import choose_alpha, probe, snapshot
 from embedstore.loop.train_surgery import (
     CosineHead,
     block_list,
@@ -63,18 +67,26 @@ METHODS = ("lora", "last-blocks", "full")
 DEFAULT_LR = {"lora": 1e-3, "last-blocks": 3e-4, "full": 5e-5}
 
 
+AUGMENT = ("light", "strong")
+
+
 @dataclass
 class FinetuneConfig:
-    method: str = "lora"
-    epochs: int = 10  # an upper bound: early stopping usually ends sooner
+    method: str = "last-blocks"
+    epochs: int = 16  # with a selection fold: an upper bound (early stopping); without: the fixed schedule
     lr: float | None = None  # default per method: DEFAULT_LR
     head_lr: float = 1e-2  # the temporary cosine classifier
     batch_size: int = 32
     blocks: int = 2  # how many of the last top-level blocks/stages are adapted (lora, last-blocks)
     lora_rank: int = 8
     reg: float = 1e-2  # L2-SP strength (last-blocks, full) / L2 on the LoRA adapters
-    holdout: float = 0.2  # fraction of each class's labels held out for early stopping and the decision
+    holdout: float = 0.0  # selection fold: fraction of the training labels held out for early stopping and
+    #                       WiSE alpha (0: no selection fold, a fixed schedule of `epochs`, the last epoch kept)
     patience: int = 3
+    probe_epochs: int = 0  # LP-FT: epochs training only the classifier on frozen features before fine-tuning
+    wise_alpha: float | None = 1.0  # WiSE-FT: weights = pretrained + alpha * (fine-tuned - pretrained);
+    #                                 None: alpha chosen on the selection fold from WISE_GRID
+    augment: str = "light"  # light: RandomResizedCrop + flip; strong: + TrivialAugmentWide
     image_size: int | None = None  # training resolution; default: the backbone's input size
     crop_scale: tuple[float, float] = (0.5, 1.0)
     flip: bool = True
@@ -83,14 +95,25 @@ class FinetuneConfig:
     cached_views: int = 4  # augmented views per image pushed once through the frozen prefix (0: no cache)
     cache_limit_mb: int = 2048
     seed: int = 0
+    # the activation decision (loop/decide.py), on labels the new backbone never saw:
+    decide: float = 0.25  # fraction of each class's labels kept out of training and selection for the decision
+    min_decide: int = 20  # fewer decision labels than this: too few to decide, nothing trained
+    decide_margin: float = 0.0  # activate when the lower end of the 80% interval of new - old exceeds this
+    max_forgetting: float = 0.10  # refuse activation when near-duplicate recall@k on other images drops more
 
     def check(self) -> "FinetuneConfig":
         if self.method not in METHODS:
             raise InvalidArgumentError(f"unknown fine-tune method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.epochs < 1:
             raise InvalidArgumentError(f"--epochs {self.epochs}: need at least 1")
-        if not 0.0 < self.holdout < 0.9:
+        if not 0.0 <= self.holdout < 0.9:
             raise InvalidArgumentError(f"holdout fraction {self.holdout} must be between 0 and 0.9, e.g. 0.2")
+        if not 0.0 < self.decide < 0.9:
+            raise InvalidArgumentError(f"decide fraction {self.decide} must be between 0 and 0.9, e.g. 0.25")
+        if self.augment not in AUGMENT:
+            raise InvalidArgumentError(f"augment={self.augment!r}: use one of {', '.join(AUGMENT)}")
+        if self.wise_alpha is not None and not 0.0 < self.wise_alpha <= 1.0:
+            raise InvalidArgumentError(f"wise_alpha={self.wise_alpha}: must be in (0, 1], or None to choose it")
         if self.blocks < 1:
             raise InvalidArgumentError(f"blocks={self.blocks}: adapt at least the last block")
         return self
@@ -105,6 +128,9 @@ class TrainResult:
     model: nn.Module  # the adapted image model (LoRA merged), on CPU, eval mode
     best_epoch: int  # 0: nothing beat the untouched backbone
     history: list[dict] = field(default_factory=list)
+    probe_losses: list[float] = field(default_factory=list)  # LP-FT's classifier-only epochs
+    wise_alpha: float = 1.0  # WiSE-FT interpolation kept
+    wise_losses: dict = field(default_factory=dict)  # {alpha: selection-fold loss} when alpha was chosen
     train_ids: list[int] = field(default_factory=list)
     holdout_ids: list[int] = field(default_factory=list)
     seconds: float = 0.0
@@ -139,7 +165,7 @@ def _split_labels(items: Sequence[tuple[int, str, str]], cfg: FinetuneConfig) ->
     if len(classes) < 2:
         raise EmptyInputError("fine-tuning needs labels of at least 2 classes; label more images first")
     train_ids, hold_ids = split_holdout(ids, y_names, cfg.holdout, cfg.seed)
-    if not hold_ids or len(train_ids) < len(classes):
+    if (cfg.holdout > 0 and not hold_ids) or len(train_ids) < len(classes):
         raise EmptyInputError(
             f"too few labels to fine-tune ({len(ids)} over {len(classes)} classes); label at least 3 images per class"
         )
@@ -167,10 +193,12 @@ class _Trainee:
     anchors: dict[str, torch.Tensor]  # L2-SP anchors: pretrained values of the trainable weights (not lora)
     head: CosineHead
     named_trainable: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    trainable_names: list[str] = field(default_factory=list)
 
 
 def _unfreeze(bb: Backbone, cfg: FinetuneConfig):
-    """A frozen copy of bb.image_model with the method's weights made trainable: (model, net, trainable, anchors)."""
+    """A frozen copy of bb.image_model with the method's weights made trainable:
+    (model, net, trainable, anchors, trainable names)."""
     model = copy.deepcopy(bb.image_model).to("cpu").float()
     pnames, mnames = tail_names(model, cfg.blocks)
     for p in model.parameters():
@@ -186,24 +214,26 @@ def _unfreeze(bb: Backbone, cfg: FinetuneConfig):
             )
         lcfg = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=targets, lora_dropout=0.0)
         net = peft.get_peft_model(model, lcfg)
+        names = [n for n, _ in net.named_parameters() if "lora_" in n]
         trainable = [p for n, p in net.named_parameters() if "lora_" in n]
         for p in trainable:
             p.requires_grad_(True)
     else:
         net = model
         chosen = set(pnames) if cfg.method == "last-blocks" else {n for n, _ in model.named_parameters()}
-        trainable = []
+        trainable, names = [], []
         for n, p in model.named_parameters():
             if n in chosen:
                 p.requires_grad_(True)
                 trainable.append(p)
+                names.append(n)
                 anchors[n] = p.detach().clone()
-    return model, net, trainable, anchors
+    return model, net, trainable, anchors, names
 
 
 def _build_trainee(bb: Backbone, cfg: FinetuneConfig, cent: np.ndarray, dev: DeviceRun) -> _Trainee:
     """The trainable model and the centroid-initialised cosine head, on the device, in eval mode."""
-    model, net, trainable, anchors = _unfreeze(bb, cfg)
+    model, net, trainable, anchors, names = _unfreeze(bb, cfg)
     head = CosineHead(torch.from_numpy(cent), cfg.logit_scale)
     net.to(dev.device).to(memory_format=torch.channels_last)
     head.to(dev.device)
@@ -211,7 +241,7 @@ def _build_trainee(bb: Backbone, cfg: FinetuneConfig, cent: np.ndarray, dev: Dev
     for a in anchors:
         anchors[a] = anchors[a].to(dev.device)
     named_trainable = [(n, p) for n, p in (net.named_parameters() if cfg.method != "lora" else []) if n in anchors]
-    return _Trainee(model, net, trainable, anchors, head, named_trainable)
+    return _Trainee(model, net, trainable, anchors, head, named_trainable, names)
 
 
 @dataclass
@@ -276,11 +306,17 @@ class _TrainState:
     best_loss: float = float("inf")
     best_epoch: int = 0
     best_weights: list[torch.Tensor] = field(default_factory=list)
+    best_head: torch.Tensor | None = None
+    probe_losses: list = field(default_factory=list)
+    alpha: float = 1.0
+    alpha_losses: dict = field(default_factory=dict)
+    head_init: torch.Tensor | None = None  # the classifier's centroid start (WiSE alpha = 0)
+    batches_have_hold: bool = True  # a selection fold exists (early stopping, WiSE alpha)
 
 
 @torch.no_grad()
 def _held_out(st: _TrainState) -> tuple[float, float]:
-    """(mean loss, accuracy) on the held-out fold."""
+    """(mean loss, accuracy) on the selection fold; (nan, nan) without one."""
     losses, correct, n = 0.0, 0, 0
     for x, y in st.batches.hold():
         y = y.to(st.dev.device)
@@ -288,7 +324,7 @@ def _held_out(st: _TrainState) -> tuple[float, float]:
         losses += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
-    return losses / n, correct / n
+    return (losses / n, correct / n) if n else (float("nan"), float("nan"))
 
 
 def _train_epoch(st: _TrainState, epoch: int, advance) -> float:
@@ -317,26 +353,29 @@ def _train_epoch(st: _TrainState, epoch: int, advance) -> float:
 
 
 def _record(st: _TrainState, epoch: int, train_loss: float | None) -> bool:
-    """Evaluate the held-out fold, log the epoch, keep a snapshot if it is the best so far; False: stop early."""
-    hl, ha = _held_out(st)
+    """Evaluate the selection fold, log the epoch, keep a snapshot if it is the best so far (without a
+    selection fold: the latest epoch, a fixed schedule); False: stop early."""
+    hl, ha = _held_out(st) if st.batches_have_hold else (None, None)
     st.history.append(
         {
             "epoch": epoch,
             "train_loss": None if train_loss is None else round(train_loss, 4),
-            "holdout_loss": round(hl, 4),
-            "holdout_accuracy": round(ha, 4),
+            "holdout_loss": None if hl is None else round(hl, 4),
+            "holdout_accuracy": None if ha is None else round(ha, 4),
         }
     )
-    if epoch == 0 or hl < st.best_loss - 1e-4:
-        st.best_loss, st.best_epoch = hl, epoch
-        st.best_weights = [p.detach().clone() for p in st.tr.trainable]
+    if epoch == 0 or hl is None or hl < st.best_loss - 1e-4:
+        st.best_loss, st.best_epoch = (st.best_loss if hl is None else hl), epoch
+        snapshot(st)
     elif epoch - st.best_epoch >= st.cfg.patience:
         return False
     return True
 
 
 def _fit(st: _TrainState, advance) -> None:
-    """Epoch 0 (the untouched backbone), then train until cfg.epochs or `patience` epochs without progress."""
+    """LP (cfg.probe_epochs, classifier only), epoch 0 (the untouched backbone), then train until cfg.epochs
+    or `patience` epochs without progress on the selection fold."""
+    st.probe_losses = probe(st, st.cfg.probe_epochs)
     _record(st, 0, None)
     for epoch in range(1, st.cfg.epochs + 1):
         train_loss = _train_epoch(st, epoch, advance)
@@ -345,11 +384,9 @@ def _fit(st: _TrainState, advance) -> None:
 
 
 def _final_model(st: _TrainState) -> nn.Module:
-    """The best epoch's weights, LoRA merged, on CPU, frozen, in eval mode."""
+    """The best epoch's weights (WiSE-interpolated), LoRA merged, on CPU, frozen, in eval mode."""
     tr = st.tr
-    with torch.no_grad():
-        for p, v in zip(tr.trainable, st.best_weights):
-            p.copy_(v)
+    st.alpha, st.alpha_losses = choose_alpha(st, _held_out)
     model = tr.net.merge_and_unload() if st.cfg.method == "lora" else tr.model
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     for p in model.parameters():
@@ -377,21 +414,26 @@ def train_backbone(
     dev = DeviceRun(device)
     tr = _build_trainee(bb, cfg, cent, dev)
     size = cfg.image_size or bb.preprocess.input_size[-1]
-    train_tf, eval_tf = image_transforms(bb.preprocess, size, cfg.crop_scale, cfg.flip)
+    train_tf, eval_tf = image_transforms(bb.preprocess, size, cfg.crop_scale, cfg.flip, cfg.augment == "strong")
     bs = cfg.batch_size
     train_loader = image_loader(labels.items(labels.train_ids), train_tf, bb.preprocess, bs, True, device, cfg.seed)
     hold_loader = image_loader(labels.items(labels.hold_ids), eval_tf, bb.preprocess, bs, False, device, cfg.seed)
     optim = _make_optimizer(tr, cfg, cfg.epochs * len(train_loader), dev.amp_dtype)
     batches = _batch_source(bb, cfg, labels, tr, dev, train_tf, train_loader, hold_loader)
-    st = _TrainState(cfg, dev, tr, optim, batches)
+    st = _TrainState(cfg, dev, tr, optim, batches, head_init=tr.head.weight.detach().clone(),
+                     batches_have_hold=bool(labels.hold_ids))
     total, label = cfg.epochs * len(labels.train_ids), f"fine-tune ({cfg.method})"
     fields = {"loss": "loss {:.3f}", "epoch": "epoch {}"}
     with progress_bar(total, label, progress, unit="img", fields=fields) as advance:
         _fit(st, advance)
+    model = _final_model(st)
     return TrainResult(
-        model=_final_model(st),
+        model=model,
         best_epoch=st.best_epoch,
         history=st.history,
+        probe_losses=st.probe_losses,
+        wise_alpha=st.alpha,
+        wise_losses={str(k): v for k, v in st.alpha_losses.items()},
         train_ids=labels.train_ids,
         holdout_ids=labels.hold_ids,
         seconds=time.perf_counter() - t0,

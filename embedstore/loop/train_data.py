@@ -17,6 +17,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def split_holdout(ids: Sequence[int], y: Sequence[str], frac: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Stratified split: round(frac * n) of each class held out, at least 1 when the class has 2+ images."""
+    if frac <= 0:
+        return sorted(int(i) for i in ids), []
     rng = np.random.default_rng(seed)
     train, hold = [], []
     by_class: dict[str, list[int]] = {}
@@ -46,14 +48,17 @@ class _LabeledImages(torch.utils.data.Dataset):
         return self.tf(load_image(path, self.pre)), y
 
 
-def image_transforms(pre, size: int, crop_scale: tuple[float, float], flip: bool):
-    """(train, eval) transforms: RandomResizedCrop (+ flip) for training, resize + center crop for eval."""
+def image_transforms(pre, size: int, crop_scale: tuple[float, float], flip: bool, strong: bool = False):
+    """(train, eval) transforms: RandomResizedCrop (+ flip, + TrivialAugmentWide when strong) for training,
+    resize + center crop for eval."""
     from torchvision import transforms as T
 
     interp = T.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
     train = [T.RandomResizedCrop(size, scale=crop_scale, interpolation=interp)]
     if flip:
         train.append(T.RandomHorizontalFlip())
+    if strong:
+        train.append(T.TrivialAugmentWide(interpolation=interp))
     norm = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
     evaluate = [T.Resize(int(math.floor(size / pre.crop_pct)), interpolation=interp), T.CenterCrop(size)]
     return T.Compose(train + norm), T.Compose(evaluate + norm)
@@ -121,7 +126,7 @@ class CachedBatches:
         self.fwd, self.ytr, self.yhold, self.views, self.bs, self.dev = tail, y_train, y_hold, views, batch_size, dev
         self.prefix = prefix
         self.cache = [self._encode(plain_loader) for _ in range(views)]
-        self.hold_cache = self._encode(hold_loader)
+        self.hold_cache = self._encode(hold_loader) if len(y_hold) else None
 
     @torch.no_grad()
     def _encode(self, loader) -> torch.Tensor:
@@ -136,5 +141,7 @@ class CachedBatches:
             yield feats[idx.to(feats.device)].float(), self.ytr[idx]
 
     def hold(self) -> Iterator[Batch]:
+        if self.hold_cache is None:
+            return
         for i in range(0, len(self.yhold), self.bs):
             yield self.hold_cache[i : i + self.bs].float(), self.yhold[i : i + self.bs]

@@ -11,8 +11,13 @@ own vectors table. Steps, and what a kill at each step leaves:
                                         finds the unfinished version and embeds only what is missing
     4. build its FAISS index           a cache: rebuilt when missing
     5. decide and activate             one atomic manifest write: status "ready", active_version switched
-                                        only if the new version beats the old one on the labels held out
-                                        from training (best-head accuracy; equal accuracy: lower log-loss)
+                                        only if the new version is better on the decision labels (never
+                                        trained or selected on; see loop/decide.py) by more than the margin,
+                                        and search on the other images did not degrade (loop/forgetting.py)
+
+Which labels the backbone trained on (and selected epochs on) is recorded in the version's manifest entry
+(`finetune.trained_ids`, `finetune.selection_ids`, `finetune.decision_ids`) and in models/<version>.json:
+heads fit afterwards must not treat those images as unseen when they cross-validate or calibrate.
 
 Labels are never touched. `use VERSION` switches back and forth (embedding images added since, if any);
 `prune VERSION` drops an inactive version's vectors, index and weights.
@@ -33,14 +38,30 @@ from embedstore.ingest.backbones import load_backbone
 from embedstore.ingest.backbones.base import Backbone
 from embedstore.ingest.ingest import IngestService
 from embedstore.labels.classify import ClassifyService
-from embedstore.labels.heads import HEADS, make_head
-from embedstore.loop.finetune import FinetuneConfig, export_state_dict, train_backbone
+from embedstore.loop.decide import (
+    decide,
+    head_correctness,
+    labels_needed,
+    paired_comparison,
+)
+from embedstore.loop.finetune import (
+    FinetuneConfig,
+    export_state_dict,
+    split_holdout,
+    train_backbone,
+)
+from embedstore.loop.forgetting import forgetting_warning, near_duplicate_recall
 from embedstore.loop.plateau import PLATEAU_MARGIN, PLATEAU_WINDOW, plateau_rule
-from embedstore.results import AddResult, FinetuneResult, PlateauResult, PruneResult, UseResult, VersionRow
+from embedstore.results import (
+    AddResult,
+    FinetuneResult,
+    PlateauResult,
+    PruneResult,
+    UseResult,
+    VersionRow,
+)
 from embedstore.search.search import SearchService
 from embedstore.storage import Storage, vectors_table_name
-
-DECISION_HEADS = ("centroid", "knn", "linear", "propagate")  # heads that need no text tower
 
 
 class LoopService:
@@ -75,7 +96,7 @@ class LoopService:
     # ---- fine-tune ----------------------------------------------------------------------
     def finetune(
         self,
-        method: str = "lora",
+        method: str = "last-blocks",
         epochs: int | None = None,
         if_plateau: bool = False,
         progress: bool = True,
@@ -109,25 +130,42 @@ class LoopService:
         if unfinished:
             version, resumed, record = unfinished[-1], True, None
         else:
-            version, record = self._train_version(cfg, progress)
+            folds = self._folds(cfg)
+            if isinstance(folds, str):
+                return FinetuneResult(**{**base, "status": "too-few-labels", "message": folds}, plateau=plat)
+            version, record = self._train_version(cfg, progress, *folds)
             resumed = False
             if version is None:
                 return FinetuneResult(
                     **{**base, "status": "not-improved",
-                       "message": "fine-tuning never beat the untouched backbone on the held-out labels; no version made"},
+                       "message": "fine-tuning never beat the untouched backbone on the selection labels; no version made"},
                     plateau=plat, train=record,
                 )
-        res = self._complete_version(version, progress, embed_batch_size, workers, evaluate)
+        res = self._complete_version(version, progress, embed_batch_size, workers, evaluate, cfg)
         res.method, res.resumed, res.plateau = method, resumed, plat
         return res
 
-    def _train_version(self, cfg: FinetuneConfig, progress: bool) -> tuple[str | None, dict]:
-        """Step 1 and 2: train a copy of the active backbone; save and register it (not active yet)."""
-        st = self.storage
-        parent = st.active_version
+    def _folds(self, cfg: FinetuneConfig) -> tuple[dict, dict] | str:
+        """({id: class} the backbone may train/select on, {id: class} kept for the decision), or why there
+        are too few labels to decide (then nothing is trained)."""
         labels = self.classify.labels.labels()
         if not labels:
             raise EmptyInputError("no labeled images; label a few images per class before fine-tuning")
+        ids = sorted(labels)
+        fit, dec = split_holdout(ids, [labels[i] for i in ids], cfg.decide, cfg.seed + 1)
+        if len(dec) < cfg.min_decide:
+            n_cls = len(set(labels.values()))
+            need = labels_needed(n_cls, cfg.decide, cfg.min_decide)
+            return (f"too few labels to decide whether a fine-tune helps: {len(ids)} labels keep {len(dec)} out for "
+                    f"the decision ({cfg.decide:.0%} of each class), at least {cfg.min_decide} needed; label about "
+                    f"{need} images per class ({need * n_cls} labels) first. Nothing trained.")
+        return {i: labels[i] for i in fit}, {i: labels[i] for i in dec}
+
+    def _train_version(self, cfg: FinetuneConfig, progress: bool, labels: dict, decision: dict) -> tuple[str | None, dict]:
+        """Step 1 and 2: train a copy of the active backbone on `labels` (never on `decision`); save and
+        register it (not active yet)."""
+        st = self.storage
+        parent = st.active_version
         vs = st.vectors(ids=sorted(labels))
         items = [(int(i), p, labels[int(i)]) for i, p in zip(vs.ids, vs.paths)]
         init = {int(i): x for i, x in zip(vs.ids, vs.vectors)}
@@ -138,7 +176,8 @@ class LoopService:
             "method": cfg.method, "best_epoch": res.best_epoch, "epochs_run": len(res.history) - 1, "history": res.history,
             "seconds": round(res.seconds, 2), "images_per_second": round(res.images_per_second, 2),
             "trainable_params": res.trainable_params, "device": res.device, "n_train": len(res.train_ids),
-            "n_holdout": len(res.holdout_ids), "config": res.config,
+            "n_holdout": len(res.holdout_ids), "n_decision": len(decision), "config": res.config,
+            "probe_losses": res.probe_losses, "wise_alpha": res.wise_alpha, "wise_losses": res.wise_losses,
         }
         if res.best_epoch == 0:
             return None, record
@@ -151,18 +190,25 @@ class LoopService:
         sidecar = {
             **record, "parent": parent,
             "train": {str(i): labels[i] for i in res.train_ids}, "holdout": {str(i): labels[i] for i in res.holdout_ids},
+            "decision": {str(i): c for i, c in decision.items()},
         }
         st.model_record_path(version).write_text(json.dumps(sidecar, indent=1))
         with st.write_lock():
             st.versions[version] = {
                 **new.describe(), "weights": st.model_weights_entry(version), "created": now_iso("microseconds"),
                 "parent": parent, "status": "embedding",
-                "finetune": {k: record[k] for k in ("method", "best_epoch", "epochs_run", "seconds", "n_train", "n_holdout")},
+                "finetune": {
+                    **{k: record[k] for k in ("method", "best_epoch", "epochs_run", "seconds", "n_train", "n_holdout",
+                                              "n_decision", "wise_alpha")},
+                    "trained_ids": sorted(res.train_ids), "selection_ids": sorted(res.holdout_ids),
+                    "decision_ids": sorted(decision),
+                },
             }
             st.write_manifest()
         return version, record
 
-    def _complete_version(self, version: str, progress: bool, batch_size, workers, evaluate: bool) -> FinetuneResult:
+    def _complete_version(self, version: str, progress: bool, batch_size, workers, evaluate: bool,
+                          cfg: FinetuneConfig) -> FinetuneResult:
         """Steps 3-5: embed what the version lacks, index it, compare it with its parent, activate it when better."""
         st = self.storage
         parent = st.version_info(version)["parent"]
@@ -175,64 +221,74 @@ class LoopService:
             except Exception as e:  # the index is a cache: search rebuilds it when missing
                 index = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
         side = json.loads(st.model_record_path(version).read_text())
-        old = self._holdout_accuracy(parent, side["train"], side["holdout"])
-        new = self._holdout_accuracy(version, side["train"], side["holdout"])
-        activated = self._decide(version, parent, old, new)
+        seen = {**side["train"], **side["holdout"]}  # the labels the new backbone trained or selected on
+        decision = side.get("decision") or side["holdout"]  # (records older than the decision fold)
+        cmp = self._compare(parent, version, seen, decision, cfg) if len(decision) >= cfg.min_decide else None
+        forget = self._forgetting(parent, version, cfg.seed)
+        activate, why = decide(cmp, forget, cfg.max_forgetting, len(decision), cfg.min_decide)
+        warnings = [w for w in (forgetting_warning(forget),) if w]
+        activated = self._decide(version, parent, cmp, forget, activate, why)
         eval_run = self.classify.evaluate(episodes=5) if evaluate and activated else None
+        holdout = None if cmp is None else {"parent": cmp["old"], "new": cmp["new"]}
         return FinetuneResult(
             status="activated" if activated else "kept", version=version, parent=parent, active=st.active_version,
-            method=side.get("method", ""), message=_verdict(version, parent, old, new, activated), activated=activated,
-            train={k: v for k, v in side.items() if k not in ("train", "holdout")}, reembedded=len(pending),
+            method=side.get("method", ""), message=_verdict(version, activated, why), activated=activated,
+            train={k: v for k, v in side.items() if k not in ("train", "holdout", "decision")}, reembedded=len(pending),
             errors=res.errors, vectors=st.count(vectors_table_name(version)), images=st.count("images"),
-            embed_seconds=round(res.embed_seconds, 2), index=index, holdout={"parent": old, "new": new},
+            embed_seconds=round(res.embed_seconds, 2), index=index, holdout=holdout,
             eval=None if eval_run is None else {"best_head": eval_run.best_head, "best_accuracy": eval_run.best_accuracy},
+            decision={**(cmp or {}), "activate": activate, "reason": why, "n": len(decision),
+                      "min_decide": cfg.min_decide, "max_forgetting": cfg.max_forgetting, "compared": _COMPARED},
+            forgetting=forget, warnings=warnings,
         )
 
-    def _decide(self, version: str, parent: str, old: dict, new: dict) -> bool:
-        """Record the held-out check in the manifest; activate `version` when it beats its parent."""
+    def _decide(self, version: str, parent: str, cmp: dict | None, forget: dict | None, activate: bool, why: str) -> bool:
+        """Record the decision in the manifest; activate `version` when `activate` and its parent is still active."""
         st = self.storage
-        # better: higher held-out accuracy, or the same accuracy (few held-out images tie often) and a lower log-loss
-        better = new["accuracy"] > old["accuracy"] or (new["accuracy"] == old["accuracy"] and new["log_loss"] < old["log_loss"])
         with st.write_lock():
             e = st.versions[version]
             e["status"] = "ready"
-            e["holdout"] = {
-                "accuracy": new["accuracy"], "parent_accuracy": old["accuracy"], "log_loss": new["log_loss"],
-                "parent_log_loss": old["log_loss"], "head": new["head"], "n": new["n"],
+            e["holdout"] = None if cmp is None else {
+                "accuracy": cmp["new"]["accuracy"], "parent_accuracy": cmp["old"]["accuracy"], "head": cmp["new"]["head"],
+                "n": cmp["n"], "estimate": cmp["estimate"], "low": cmp["low"], "high": cmp["high"], "margin": cmp["margin"],
             }
-            activated = better and st.active_version == parent
+            e["decision"] = {"activate": activate, "reason": why, "forgetting": forget}
+            activated = activate and st.active_version == parent
             if activated:
                 st.manifest["active_version"] = version
             st.write_manifest()
         return activated
 
-    def _holdout_accuracy(self, version: str, train: dict, holdout: dict) -> dict:
-        """Best-head accuracy on the held-out labels (never trained on), heads fit on the training labels;
-        plus the heads' mean log-loss there (a finer measure on the same images, for ties)."""
-        vs = self.storage.vectors(version, ids=sorted(int(i) for i in {**train, **holdout}))
-        pos = {int(i): k for k, i in enumerate(vs.ids)}
-        tr = [pos[int(i)] for i in train if int(i) in pos]
-        ho = [pos[int(i)] for i in holdout if int(i) in pos]
-        if not tr or not ho:
-            raise EmptyInputError(f"version {version} has no vectors for the fine-tune's labeled images; run finetune again")
-        ytr = [train[str(int(vs.ids[k]))] for k in tr]
-        yho = [holdout[str(int(vs.ids[k]))] for k in ho]
-        acc, loss = {}, {}
-        for name in DECISION_HEADS:
-            if name not in HEADS:
-                continue
-            h = make_head(name).fit(vs.vectors[tr], ytr, unlabeled=vs.vectors[ho])
-            P = np.asarray(h.predict_proba(vs.vectors[ho]), np.float64)
-            cls = list(h.classes)
-            truth = np.array([cls.index(c) if c in cls else -1 for c in yho])
-            p_true = np.where(truth >= 0, P[np.arange(len(ho)), np.maximum(truth, 0)], 0.0)
-            acc[name] = round(float(np.mean(P.argmax(1) == truth)), 4)
-            loss[name] = round(float(np.mean(-np.log(np.clip(p_true, 1e-6, 1.0)))), 4)
-        best = max(acc, key=acc.get)
-        return {
-            "accuracy": acc[best], "head": best, "heads": acc, "log_loss": round(float(np.mean(list(loss.values()))), 4),
-            "head_log_loss": loss, "n": len(ho),
-        }
+    def _compare(self, parent: str, version: str, seen: dict, decision: dict, cfg: FinetuneConfig) -> dict:
+        """The paired comparison on the decision labels (loop/decide.py): heads fit on the labels the new
+        backbone saw, with each version's vectors, scored on the decision labels it never saw."""
+        ids = sorted(int(i) for i in {**seen, **decision})
+        correct = {}
+        for v in (parent, version):
+            vs = self.storage.vectors(v, ids=ids)
+            pos = {int(i): k for k, i in enumerate(vs.ids)}
+            fit = [i for i in map(int, seen) if i in pos]
+            dec = [i for i in map(int, decision) if i in pos]
+            if not fit or len(dec) < len(decision):
+                raise EmptyInputError(f"version {v} lacks vectors for the fine-tune's labeled images; run finetune again")
+            correct[v] = head_correctness(vs.vectors[[pos[i] for i in fit]], [seen[str(i)] for i in fit],
+                                          vs.vectors[[pos[i] for i in dec]], [decision[str(i)] for i in dec])
+        return paired_comparison(correct[parent], correct[version], cfg.decide_margin, cfg.seed)
+
+    def _forgetting(self, parent: str, version: str, seed: int) -> dict | None:
+        """Near-duplicate recall on a sample of the store's unlabeled images, old vs new (loop/forgetting.py)."""
+        st = self.storage
+        old_v, new_v = st.vectors(parent), st.vectors(version)
+        if not np.array_equal(old_v.ids, new_v.ids):
+            common = np.intersect1d(old_v.ids, new_v.ids)
+            old_v, new_v = st.vectors(parent, ids=common), st.vectors(version, ids=common)
+        name = st.version_info(parent)["name"]
+        old_bb = self.backbone_for(parent) if parent == st.active_version else None
+        old_bb = old_bb or load_backbone(name, st.weights_file(parent), device=self.device())
+        new_bb = load_backbone(name, st.weights_file(version), device=self.device())
+        labeled = set(self.classify.labels.labels())
+        return near_duplicate_recall(old_bb, new_bb, old_v.ids, list(old_v.paths), old_v.vectors, new_v.vectors,
+                                     labeled, seed=seed)
 
     # ---- versions -----------------------------------------------------------------------
     def versions(self) -> list[VersionRow]:
@@ -295,10 +351,12 @@ class LoopService:
         return PruneResult(version, removed)
 
 
-def _verdict(version: str, parent: str, old: dict, new: dict, activated: bool) -> str:
+_COMPARED = ("best-head accuracy (centroid, knn, linear, propagate; heads fit on the labels the new backbone "
+             "trained or selected on) of the new vs the parent version on decision labels neither saw in training; "
+             "paired bootstrap over those images")
+
+
+def _verdict(version: str, activated: bool, why: str) -> str:
     if activated:
-        return (f"new version {version} is active: held-out accuracy {old['accuracy']:.3f} -> {new['accuracy']:.3f}, "
-                f"log-loss {old['log_loss']:.3f} -> {new['log_loss']:.3f}")
-    return (f"version {version} kept but NOT active: held-out accuracy {new['accuracy']:.3f} (log-loss "
-            f"{new['log_loss']:.3f}) does not beat {old['accuracy']:.3f} ({old['log_loss']:.3f}) of {parent}; "
-            f"switch anyway with `embedstore use STORE {version}`")
+        return f"new version {version} is active: {why}"
+    return f"version {version} kept but NOT active: {why}; switch anyway with `embedstore use STORE {version}`"

@@ -17,6 +17,7 @@ recall figure is stored with the index, so "how approximate is it" is a number, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -38,7 +39,7 @@ KMEANS_ITER = 10
 TARGET_RECALL = 0.97  # tuning target on the sample; the product promise is >= 0.95
 TUNE_QUERIES = 256
 ADD_CHUNK = 65536
-FORMAT = 1
+FORMAT = 2  # sidecar format; 2 = carries the sha256 of the .faiss file (1 had only its size)
 NPROBE_STEPS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096]
 EF_STEPS = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
 FACTORY_HINT = "examples: 'Flat', 'HNSW32,Flat', 'IVF1024,Flat', 'IVF4096,SQ8', 'OPQ32,IVF1024,PQ32'"
@@ -302,22 +303,38 @@ def _holdout(n: int, seed: int) -> np.ndarray:
 
 # ---- files ----------------------------------------------------------------------------------
 def save(index: faiss.Index, meta: dict, path: Path) -> dict:
-    """Write `path` (.faiss) and its JSON sidecar atomically (temp file + rename); returns the meta written."""
+    """Write `path` (.faiss) and its JSON sidecar (with the file's size and sha256) atomically; returns the meta."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    meta = {**meta, "n": int(index.ntotal), "faiss_bytes": tmp.stat().st_size}
-    os.replace(tmp, path)
     side = sidecar_path(path)
     stmp = side.with_name(side.name + f".tmp{os.getpid()}")
-    stmp.write_text(json.dumps(meta, indent=1, default=str))
-    os.replace(stmp, side)
+    try:
+        faiss.write_index(index, str(tmp))
+        meta = {**meta, "format": FORMAT, "n": int(index.ntotal), "faiss_bytes": tmp.stat().st_size,
+                "faiss_sha256": file_sha256(tmp)}
+        os.replace(tmp, path)
+        stmp.write_text(json.dumps(meta, indent=1, default=str))
+        os.replace(stmp, side)
+    finally:
+        tmp.unlink(missing_ok=True)
+        stmp.unlink(missing_ok=True)
     return meta
 
 
 def sidecar_path(path: Path) -> Path:
     return Path(path).with_suffix(".json")
+
+
+def file_sha256(f) -> str:
+    """sha256 of a file: a path, or an open binary file read from where it stands."""
+    if not hasattr(f, "read"):
+        with open(f, "rb") as fh:
+            return file_sha256(fh)
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def read_meta(path: Path) -> dict:
@@ -329,26 +346,51 @@ def read_meta(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise IndexFileError(f"unreadable sidecar {side.name}: {_first_line(e)}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise IndexFileError(f"sidecar {side.name} has an unknown format")
+        raise IndexFileError(f"sidecar {side.name} has an unknown or older format (no checksum)")
     return meta
 
 
 def load(path: Path, dim: int) -> tuple[faiss.Index, dict]:
-    """Read an index and its sidecar; IndexFileError when missing, corrupt or inconsistent."""
-    path = Path(path)
-    meta = read_meta(path)
-    if not path.is_file():
-        raise IndexFileError(f"missing {path.name}")
-    if path.stat().st_size != meta.get("faiss_bytes"):
-        raise IndexFileError(f"{path.name} is {path.stat().st_size} bytes, sidecar says {meta.get('faiss_bytes')}")
+    """Read an index and its sidecar; IndexFileError when missing, damaged (size or sha256 differ) or inconsistent.
+    The file is hashed before FAISS parses it (a damaged header can make FAISS allocate wildly), through one open
+    file, so another process's save in between cannot pair one file with another's sidecar."""
+    path, meta = Path(path), read_meta(path)
     try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as e:
-        raise IndexFileError(f"unreadable {path.name}: {_first_line(e)}") from None
+        f = open(path, "rb")
+    except OSError as e:  # missing, or not readable by this user
+        raise IndexFileError(f"cannot open {path.name}: {_first_line(e)}") from None
+    with f:
+        if (size := os.fstat(f.fileno()).st_size) != meta.get("faiss_bytes"):
+            raise IndexFileError(f"{path.name} is {size} bytes, sidecar says {meta.get('faiss_bytes')}")
+        if file_sha256(f) != meta.get("faiss_sha256"):
+            raise IndexFileError(f"{path.name} is damaged: its sha256 differs from the one recorded when it was saved")
+        f.seek(0)
+        try:
+            index = faiss.read_index(faiss.PyCallbackIOReader(f.read, 1 << 22))
+        except RuntimeError as e:
+            raise IndexFileError(f"unreadable {path.name}: {_first_line(e)}") from None
     if index.d != dim or index.ntotal != meta.get("n") or meta.get("dim") != dim:
         raise IndexFileError(f"{path.name} holds {index.ntotal}x{index.d}, expected {meta.get('n')}x{dim}")
     set_params(index, meta.get("params") or {})
     return index, meta
+
+
+def upgrade_sidecar(path: Path, dim: int) -> bool:
+    """Store format migration 1 -> 2: a format-1 sidecar (size only) gets the sha256 of its index file when the
+    file has the recorded size and loads with the recorded shape; False otherwise (the next search rebuilds it)."""
+    path, side = Path(path), sidecar_path(path)
+    try:
+        meta = json.loads(side.read_text())
+        ok = meta.get("format") == 1 and path.stat().st_size == meta.get("faiss_bytes")
+        index = faiss.read_index(str(path)) if ok else None
+    except (OSError, ValueError, RuntimeError, AttributeError):
+        return False
+    if index is None or index.d != dim or index.ntotal != meta.get("n"):
+        return False
+    stmp = side.with_name(side.name + f".tmp{os.getpid()}")
+    stmp.write_text(json.dumps({**meta, "format": FORMAT, "faiss_sha256": file_sha256(path)}, indent=1, default=str))
+    os.replace(stmp, side)
+    return True
 
 
 # ---- GPU ------------------------------------------------------------------------------------
@@ -386,10 +428,8 @@ GPU_MAX_K = 2048  # FAISS-GPU's k limit
 def clustered_vectors(
     n: int, dim: int, *, clusters: int | None = None, spread: float = 0.6, seed: int = 0, chunk: int = 100_000
 ) -> np.ndarray:
-    """Seeded L2-normalised vectors around `clusters` random centres (a stand-in for image embeddings).
-
-    `spread` is the noise norm relative to the unit centre; draw queries with a different seed.
-    """
+    """Seeded L2-normalised vectors around `clusters` random centres (a stand-in for image embeddings);
+    `spread` is the noise norm relative to the unit centre; draw queries with a different seed."""
     rng = np.random.default_rng(seed)
     centres_rng = np.random.default_rng(12345)  # same centres for every seed: queries match the base
     clusters = clusters or max(8, int(math.sqrt(n)))

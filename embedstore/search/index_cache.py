@@ -7,8 +7,10 @@
 Before each search the sidecar's table version is compared with the table's. When they differ the
 index is brought up to date incrementally: vectors whose ids it lacks are added, ids no longer in the
 table are removed (or, for HNSW which cannot remove, listed and filtered out with an IDSelector), and
-the file is saved when the write lock is free. A missing, corrupt or mismatched file, a big change,
-or growth past the size where another index type is chosen, means a rebuild from LanceDB.
+the file is saved when the write lock is free. A missing, corrupt (size or sha256 unlike its sidecar's,
+checked on the first load in a process) or mismatched file, a big change, or growth past the size where
+another index type is chosen, means a rebuild from LanceDB. On a store the user cannot write, the index
+is caught up or rebuilt in memory and not saved (it is a cache).
 The ingest service calls `after_change(version)` after add/remove, so the file on disk stays fresh.
 Every method takes the version it works on: building the index of a version that is not (yet)
 active needs no pretending.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedstore.clock import now_iso
-from embedstore.errors import EmptyInputError, StoreLockedError
+from embedstore.errors import EmptyInputError, StoreLockedError, StoreNotWritableError
 from embedstore.progress import progress_bar
 from embedstore.results import IndexInfo, IndexSummary
 from embedstore.search import faiss_index as fx
@@ -198,12 +200,15 @@ class IndexCache:
         return st
 
     def _try_save(self, st: IndexState) -> None:
-        """Save when the write lock is ours or free; a search never waits for a writer."""
+        """Save when the write lock is ours or free; a search never waits for a writer. Not saved (kept in memory)
+        when the store is not writable by this user, or the disk refuses the file: the index is a cache."""
         try:
             with self.storage.write_lock(timeout=0):
                 st.meta = fx.save(st.index, st.meta, self.storage.index_path(st.version))
-        except StoreLockedError:
+        except (StoreLockedError, StoreNotWritableError):
             pass
+        except OSError as e:
+            warnings.warn(f"index not saved ({fx._first_line(e)}); it stays in memory for this process")
 
     # ---- descriptions ---------------------------------------------------------------------------
     def summary(self, st: IndexState) -> IndexSummary:

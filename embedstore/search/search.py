@@ -8,6 +8,7 @@ path as ingest.
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -15,15 +16,18 @@ from typing import Callable
 import lancedb
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from embedstore.errors import EmptyInputError, InvalidArgumentError, NotSupportedError
 from embedstore.ingest.backbones.base import Backbone
+from embedstore.ingest.images import READ_ERRORS
 from embedstore.results import DuplicatePair, Hit, IndexSummary
 from embedstore.search import faiss_index as fx
 from embedstore.search.index_cache import IndexCache, IndexState
 from embedstore.storage import Storage
 
 EXACT_FILTER_MAX = 20_000  # filtered queries over at most this many allowed ids are answered exactly
+PADDED_K_MAX = 1024  # search_vectors pads rows to k columns up to this k; a larger k is cut to the live vectors
 FILTER_COLUMNS = "id, path, hash, size, added, label, label_source, prediction, confidence, head"
 
 
@@ -63,11 +67,11 @@ class SearchService:
         k = _check_k(k)
         q = self._query_vector(image=image, text=text, id=id, vector=vector)
         st = self.index.state(self.storage.active_version)
-        allowed = self._filter_ids(where) if where else None
+        allowed = self._filter_ids(where) if where and str(where).strip() else None
         if allowed is not None and id is not None:
             allowed = allowed[allowed != int(id)]
-        kk = k + 1 if id is not None else k
-        if allowed is not None and len(allowed) == 0:
+        kk = min(k + 1 if id is not None else k, st.live)  # never ask FAISS for more than there is
+        if kk < 1 or (allowed is not None and len(allowed) == 0):
             return []
         scores, found = self._search_one(st, q, kk, allowed)
         keep = [(float(s), int(i)) for s, i in zip(scores, found) if i >= 0 and (id is None or i != int(id))][:k]
@@ -76,15 +80,25 @@ class SearchService:
     def search_vectors(self, Q, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Batch search: Q (N, D) L2-normalised float32 -> (scores (N, k) float32, ids (N, k) int64).
 
-        A thin path to FAISS (no per-query Python). Rows with fewer than k results are padded with id -1.
+        A thin path to FAISS (no per-query Python). Rows with fewer than k results are padded with id -1
+        (score -3.4e38) for k up to PADDED_K_MAX; a larger k is cut to the number of live vectors, so an
+        absurd k never allocates more than the results.
         """
+        k = _check_k(k)
         Q = np.ascontiguousarray(Q, dtype=np.float32)
         if Q.ndim == 1:
             Q = Q[None]
         dim = self.storage.version_info()["dim"]
         if Q.ndim != 2 or Q.shape[1] != dim:
             raise InvalidArgumentError(f"query vectors must have shape (N, {dim}) for this store; got {Q.shape}")
-        return self.index.state(self.storage.active_version).search(Q, _check_k(k))
+        st = self.index.state(self.storage.active_version)
+        kk = min(k, st.live)
+        width = k if k <= PADDED_K_MAX else kk  # padded as documented; an absurd k gets what there is
+        S = np.full((len(Q), width), -np.finfo(np.float32).max, np.float32)
+        I = np.full((len(Q), width), -1, np.int64)
+        if kk > 0:
+            S[:, :kk], I[:, :kk] = st.search(Q, kk)
+        return S, I
 
     def build_index(
         self, factory: str | None = None, gpu: bool | None = None, progress: bool = True, version: str | None = None
@@ -164,9 +178,12 @@ class SearchService:
             if not p.is_file():
                 raise InvalidArgumentError(f"query image {image} not found; pass an existing image file")
             image = str(p.resolve())
+        bb = self.backbone_for(self.storage.active_version)  # its own errors (e.g. weights moved) pass through
         try:
-            return self.backbone_for(self.storage.active_version).embed_images([image])
-        except (OSError, ValueError, SyntaxError) as e:
+            return bb.embed_images([image])
+        except Image.DecompressionBombError as e:
+            raise InvalidArgumentError(f"cannot read query image {image}: {fx._first_line(e)}") from None
+        except READ_ERRORS as e:
             raise InvalidArgumentError(f"cannot read query image {image}: {fx._first_line(e)}; pass a JPEG/PNG/... file") from None
 
     def _search_one(self, st: IndexState, q: np.ndarray, k: int, allowed: np.ndarray | None):
@@ -193,12 +210,18 @@ class SearchService:
 
     # ---- filters --------------------------------------------------------------------------
     def _filter_ids(self, where: str) -> np.ndarray:
-        """Image ids matching a SQL `where` over images + labels + predictions (evaluated by LanceDB)."""
+        """Image ids matching a SQL `where` over images + labels + predictions (evaluated by LanceDB).
+
+        The expression is checked to be one whole expression: LanceDB's parser stops at `;` and at text
+        after a complete expression, silently ignoring the rest."""
+        _check_where(where)
         tbl = self._filter_table()
-        try:
-            res = tbl.search().where(where).select(["id"]).limit(None).to_arrow()
+        try:  # in parentheses, so trailing text is a parse error instead of being dropped
+            res = tbl.search().where(f"({where})").select(["id"]).limit(None).to_arrow()
         except Exception as e:  # lance raises ValueError/RuntimeError with the parser's message
             msg = fx._first_line(e).replace("Invalid input, ", "")
+            if (m := re.search(r"Expected: \), found: ([^\s)]+)", msg)) is not None:
+                msg = f"unexpected {m.group(1)!r} after a complete expression (join conditions with AND / OR)"
             raise InvalidArgumentError(f"bad --where expression {where!r}: {msg}; columns: {FILTER_COLUMNS}") from None
         return np.unique(res.column("id").to_numpy().astype(np.int64))
 
@@ -245,13 +268,31 @@ def _id_map(t: pa.Table | None) -> dict[int, str]:
 
 
 def _check_k(k) -> int:
+    """k as an int >= 1 (text such as "20" too); callers cap it at the number of vectors."""
     try:
-        k = int(k)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"k must be a positive integer, got {k!r}") from None
+        if isinstance(k, bool) or (isinstance(k, (float, np.floating)) and not float(k).is_integer()):
+            raise ValueError
+        k = int(k.strip() if isinstance(k, str) else k)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgumentError(f"k must be a whole number of results such as -k 20, got {k!r}") from None
     if k < 1:
-        raise InvalidArgumentError(f"k must be at least 1, got {k}")
+        raise InvalidArgumentError(f"k must be at least 1, got {k}; e.g. -k 20")
     return k
+
+
+def _check_where(where) -> None:
+    """One filter expression: no `;` outside quotes (LanceDB would ignore what follows it)."""
+    quote = None
+    for ch in where:
+        if quote:
+            quote = None if ch == quote else quote  # a doubled quote ('') closes and reopens: same result
+        elif ch in "'\"":
+            quote = ch
+        elif ch == ";":
+            raise InvalidArgumentError(
+                f"bad --where expression {where!r}: ';' would end it and what follows would be ignored; "
+                "pass one expression (join conditions with AND / OR)"
+            )
 
 
 def _last_per_id(table: pa.Table | None, rename: dict):

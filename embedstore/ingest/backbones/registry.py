@@ -95,7 +95,7 @@ def _loaders() -> dict[str, Callable]:
 
 def load_backbone(name: str | None = None, weights: str | None = None, device: str = "cpu"):
     """Build a Backbone from a registry name (and optionally a local checkpoint file)."""
-    parsed = parse_name(name or DEFAULT_BACKBONE)
+    parsed = parse_name(DEFAULT_BACKBONE if name is None else name)  # "" is an error, not the default
     if weights is not None:
         if not Path(weights).is_file():
             raise BackboneLoadError(f"weights file not found: {weights}; pass an existing checkpoint to --weights")

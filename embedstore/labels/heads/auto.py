@@ -55,6 +55,7 @@ class AutoHead(Head):
         self.members: list[Head] = []
         self.chosen: str = ""
         self.cv_scores: dict[str, dict[str, float]] = {}
+        self.oof_correct: np.ndarray | None = None  # per label: was the chosen head right out of fold (not saved)
 
     def _catalogue(self, unlabeled) -> dict[str, tuple[str, dict]]:
         cat = dict(CANDIDATES)
@@ -82,7 +83,7 @@ class AutoHead(Head):
         if folds is None:
             labels = [f for f in self.fallback if f in cat] or [next(iter(cat))]
             temps = {lab: DEFAULT_T.get(lab, 1.0) for lab in labels}
-            self.cv_scores = {}
+            self.cv_scores, self.oof_correct = {}, None
         else:
             oof, temps = {}, {}
             for lab in cat:
@@ -100,6 +101,7 @@ class AutoHead(Head):
             self.cv_scores = scores
             best = min(scores, key=lambda k: (-scores[k]["accuracy"], scores[k]["nll"]))
             labels = self._split(best, cat)
+            self.oof_correct = oof[best].argmax(1) == yi
         self.members = []
         for lab in labels:
             h = self._make(lab, cat).fit(X, y, unlabeled)
@@ -110,7 +112,32 @@ class AutoHead(Head):
         self.temperature = 1.0
         if folds is not None and len(labels) > 1:
             self.temperature = fit_temperature(np.mean([oof[lab] for lab in labels], 0), yi)
+        elif folds is None:
+            self.temperature = self._agreement_temperature(unlabeled)
         return self
+
+    def _agreement_temperature(self, unlabeled) -> float:
+        """With nothing to hold out (one label of some class), calibrate on the unlabeled images: the members'
+        agreement rate there is a proxy for accuracy (Jiang et al. 2022, "Assessing generalization of SGD via
+        disagreement"), so T is set for the mean top probability to equal it. Without this, the default
+        temperatures said 0.9 where 1-shot accuracy was 0.34 (benchmarks/fewshot.py, icons)."""
+        if unlabeled is None or len(unlabeled) < 2 or len(self.members) < 2:
+            return 1.0
+        U = np.asarray(unlabeled, np.float32)
+        U = U[np.random.default_rng(self.seed).choice(len(U), min(len(U), 2000), replace=False)]
+        Z = [log_softmax(m.logits(U) / m.temperature) for m in self.members]
+        top = [z.argmax(1) for z in Z]
+        agree = float(np.mean([np.mean(top[i] == top[j]) for i in range(len(top)) for j in range(i + 1, len(top))]))
+        Z = np.mean(Z, 0)
+        target = min(max(agree, 1.0 / len(self.classes) + 1e-3), 1 - 1e-3)
+        lo, hi = np.log(0.02), np.log(50.0)  # mean top probability falls as T grows: bisection on log T
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if np.exp(log_softmax(Z / np.exp(mid)).max(1)).mean() > target:
+                lo = mid
+            else:
+                hi = mid
+        return float(np.exp((lo + hi) / 2))
 
     @staticmethod
     def _split(best: str, cat) -> list[str]:
