@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from typer.testing import CliRunner
 
@@ -263,3 +265,36 @@ def test_forgetting_measure_sees_lost_near_duplicates(photo_store_path):
     assert not ok and "degrades" in why
     labeled = {int(i) for i in vs.ids[:77]}  # labeled images are never sampled
     assert near_duplicate_recall(bb, bb, vs.ids, list(vs.paths), vs.vectors, vs.vectors, labeled, n=8)["n"] == 3
+
+
+def _label_digits(store, per_class):
+    by_cls = {}
+    vs = store.vectors()
+    for i, p in zip(vs.ids, vs.paths):
+        by_cls.setdefault(p.split("/")[-2], []).append(int(i))
+    for c, ids in sorted(by_cls.items()):
+        store.label(ids[:per_class], c)
+    return by_cls
+
+
+def test_auto_never_judges_heads_on_images_a_fine_tune_trained_on(digits_store):
+    """After a fine-tune, the labels its backbone trained on look easier than they are: auto fits on them but
+    scores candidates (and calibrates) only on the others, and says so; with too few others it does not choose."""
+    _label_digits(digits_store, 6)
+    labeled = sorted(digits_store.labels())
+    st = digits_store.storage
+    for trained, expect in ((labeled[:40], "scored on the 20 label(s)"), (labeled[:55], "default ensemble")):
+        with st.write_lock():
+            st.version_info()["finetune"] = {"trained_ids": trained, "selection_ids": []}
+            st.write_manifest()
+        res = digits_store.classify(head="auto", persist=False)
+        assert expect in res.reason, res.reason
+        h, vs, lab, _ = digits_store.fit_head("auto")
+        scored = h.score_mask
+        assert scored is not None and int(scored.sum()) == len(labeled) - len(trained)
+        assert not scored[np.isin(vs.ids[lab], trained)].any()
+    with st.write_lock():  # no fine-tune record: every label scores
+        del st.version_info()["finetune"]
+        st.write_manifest()
+    h, *_ = digits_store.fit_head("auto")
+    assert h.score_mask is None and "never trained" not in digits_store.classify(persist=False).reason

@@ -96,6 +96,9 @@ class ClassifyService:
         classes = sorted(set(y))
         if len(classes) < 2:
             raise EmptyInputError(f"only one class ({classes[0]}) is labeled; label a few images of at least one more class")
+        if hasattr(h, "score_mask"):  # auto: never judge candidates on images the backbone trained on
+            seen = self.trained_ids(vs.version)
+            h.score_mask = ~np.isin(vs.ids[lab], seen) if len(seen) else None
         pool = unl
         if len(pool) > max_unlabeled:
             pool = np.sort(np.random.default_rng(0).choice(unl, max_unlabeled, replace=False))
@@ -150,6 +153,12 @@ class ClassifyService:
     def _without_vector(self, vs: VectorSet) -> int:
         """Images in the store that have no vector in `vs`'s version (left out of a classify)."""
         return len(self.storage.image_ids() - set(vs.ids.tolist()))
+
+    def trained_ids(self, version: str | None = None) -> np.ndarray:
+        """Ids of the labeled images a fine-tuned version trained (or selected epochs) on: their vectors
+        look easier than unseen images', so no head is chosen or calibrated on them."""
+        ft = self.storage.version_info(version).get("finetune") or {}
+        return np.asarray([*ft.get("trained_ids", []), *ft.get("selection_ids", [])], np.int64)
 
     @staticmethod
     def _positions(vs: VectorSet, ids: Sequence[int]) -> np.ndarray:
@@ -277,12 +286,15 @@ def describe_choice(h, requested: str, n_labels: int) -> str:
         return f"head {chosen}, as asked"
     scores = getattr(h, "cv_scores", None) or {}
     if not scores:
-        return (f"auto used {chosen}: some class has a single label, too few to cross-validate a choice "
-                f"({n_labels} labels); label 2+ images per class to let auto choose")
+        why = getattr(h, "note", "") or (f"some class has a single label, too few to cross-validate a choice "
+                                         f"({n_labels} labels); label 2+ images per class to let auto choose")
+        return f"auto used {chosen}: {why}"
     best = scores.get(chosen.replace(" + ", "+")) or {}
     acc = best.get("accuracy")
+    note = getattr(h, "note", "")
     return (f"auto chose {chosen}: best cross-validated accuracy"
-            + (f" {acc:.3f}" if acc is not None else "") + f" of {len(scores)} candidates on {n_labels} labels")
+            + (f" {acc:.3f}" if acc is not None else "") + f" of {len(scores)} candidates on {n_labels} labels"
+            + (f" ({note})" if note else ""))
 
 
 def _per_class(preds: list[Prediction], classes: Sequence[str]) -> dict[str, ClassSummary]:

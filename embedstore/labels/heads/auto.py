@@ -40,6 +40,9 @@ def log_softmax(Z: np.ndarray) -> np.ndarray:
     return Z - np.log(np.exp(Z).sum(1, keepdims=True))
 
 
+MIN_SCORED = 10  # labels needed to score candidates when some labels may not score (score_mask)
+
+
 @register
 class AutoHead(Head):
     name = "auto"
@@ -56,6 +59,10 @@ class AutoHead(Head):
         self.chosen: str = ""
         self.cv_scores: dict[str, dict[str, float]] = {}
         self.oof_correct: np.ndarray | None = None  # per label: was the chosen head right out of fold (not saved)
+        # per label: may it score the choice? False for images a fine-tuned backbone trained on (their vectors
+        # look easier than unseen images'); they still train every candidate. None: all may (not saved)
+        self.score_mask: np.ndarray | None = None
+        self.note: str = ""  # why the choice was made the way it was, when it is not the plain CV winner
 
     def _catalogue(self, unlabeled) -> dict[str, tuple[str, dict]]:
         cat = dict(CANDIDATES)
@@ -80,6 +87,14 @@ class AutoHead(Head):
         self.classes, yi = encode_labels(y)
         cat = self._catalogue(unlabeled)
         folds = make_folds(y, self.n_splits, self.seed)
+        sm = np.ones(len(y), bool) if self.score_mask is None else np.asarray(self.score_mask, bool)
+        self.note = ""
+        if folds is not None and sm.sum() < MIN_SCORED:
+            folds = None  # too few labels the backbone never trained on to judge candidates fairly
+            self.note = (f"only {int(sm.sum())} label(s) were not trained on by this fine-tuned backbone (under "
+                         f"{MIN_SCORED}): the default ensemble is used instead of a cross-validated choice")
+        elif self.score_mask is not None:
+            self.note = f"scored on the {int(sm.sum())} label(s) the fine-tuned backbone never trained on"
         if folds is None:
             labels = [f for f in self.fallback if f in cat] or [next(iter(cat))]
             temps = {lab: DEFAULT_T.get(lab, 1.0) for lab in labels}
@@ -88,16 +103,16 @@ class AutoHead(Head):
             oof, temps = {}, {}
             for lab in cat:
                 Z = self._make(lab, cat).cv_logits(X, y, unlabeled, folds)
-                temps[lab] = fit_temperature(Z, yi)
+                temps[lab] = fit_temperature(Z[sm], yi[sm])
                 oof[lab] = log_softmax(Z / temps[lab])
-            scores = {lab: self._score(Z, yi) for lab, Z in oof.items()}
+            scores = {lab: self._score(Z[sm], yi[sm]) for lab, Z in oof.items()}
             if self.ensemble and len(oof) > 1:
                 ranked = sorted(scores, key=lambda k: (-scores[k]["accuracy"], scores[k]["nll"]))
                 for m in (2, 3):
                     if len(ranked) >= m:
                         combo = "+".join(ranked[:m])
                         oof[combo] = np.mean([oof[r] for r in ranked[:m]], 0)
-                        scores[combo] = self._score(oof[combo], yi)
+                        scores[combo] = self._score(oof[combo][sm], yi[sm])
             self.cv_scores = scores
             best = min(scores, key=lambda k: (-scores[k]["accuracy"], scores[k]["nll"]))
             labels = self._split(best, cat)
@@ -111,7 +126,7 @@ class AutoHead(Head):
         self._remember(X)
         self.temperature = 1.0
         if folds is not None and len(labels) > 1:
-            self.temperature = fit_temperature(np.mean([oof[lab] for lab in labels], 0), yi)
+            self.temperature = fit_temperature(np.mean([oof[lab] for lab in labels], 0)[sm], yi[sm])
         elif folds is None:
             self.temperature = self._agreement_temperature(unlabeled)
         return self
