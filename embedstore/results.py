@@ -74,6 +74,7 @@ class AddResult(Result):
     embed_seconds: float = 0.0
     batch_size: int = 0
     device: str = "cpu"
+    copies: dict[str, list[str]] = field(default_factory=dict, repr=False)  # hash -> other paths of new content (internal)
 
     @property
     def images_per_second(self) -> float:

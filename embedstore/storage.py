@@ -321,10 +321,16 @@ class Storage:
                     t.delete(id_in(c))
         return before - self.count("images")
 
-    def add_rows(self, name: str, rows: list[dict] | pa.Table) -> None:
+    def add_rows(self, name: str, rows: list[dict] | pa.Table, how: str = "append") -> None:
+        """One commit: "append" rows, "upsert" them by id (replace rows of the same ids), or "replace" the
+        whole table with them (a kill never leaves the old rows deleted and the new ones missing)."""
         t = self.table(name, create=True)
         data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=self._schema(name))
-        if data.num_rows:
+        if how == "replace":
+            t.add(data, mode="overwrite")
+        elif data.num_rows and how == "upsert":
+            t.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        elif data.num_rows:
             t.add(data)
 
     def compact(self, name: str, cleanup_older_than=None) -> None:

@@ -302,9 +302,6 @@ def holds_open(pid: int, path: Path) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to see a process wait for the lock")
-@pytest.mark.xfail(reason="classify reads the labels without the write lock and writes predictions for every image "
-                          "unlabeled at that moment: an image labeled in between ends up labeled and predicted",
-                   strict=True)
 def test_classify_racing_a_label_leaves_no_prediction_on_it(tmp_path, weights):
     """Deterministic: the test holds the write lock while a classify process fits (reading the labels) and then
     waits for the lock to write; meanwhile the test labels one more image and lets go."""

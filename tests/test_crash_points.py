@@ -486,8 +486,6 @@ def test_kill_during_finetune(zygote, weights, tmp_path):
 
 
 # ---- a relabel is all or nothing --------------------------------------------------------------
-@pytest.mark.xfail(reason="a relabel is delete + add, two LanceDB commits (labels/labels.py _write_labels): a kill "
-                          "between them leaves the images with no label at all", strict=True)
 def test_kill_never_drops_a_label_being_replaced(zygote, weights, tmp_path):
     """Relabel every image back and forth; a kill at any moment leaves each image its old or its new class."""
     rng = np.random.default_rng(6)

@@ -447,9 +447,6 @@ def _fuzz_add_then_search(store, fuzz_root, items):
     assert (store.count_images(), len(store.errors())) == (n_images, n_errors + again.errors)
 
 
-@pytest.mark.xfail(reason="two copies of one unreadable file in one add: the second is counted as a duplicate of "
-                          "content that was never stored, gets no errors row, and is retried by the next add",
-                   strict=True)
 def test_copies_of_an_unreadable_file_are_all_recorded(store, fuzz_root):
     files = write_files(fuzz_root, [("bad", b"\xff\xd8\xff" + bytes(40), ".jpg")] * 2)
     try:

@@ -100,6 +100,8 @@ class IngestService:
                 continue
             if h in known_hashes:
                 res.skipped_duplicates += 1
+                if h not in by_hash:  # a copy of content new in this add: shares its fate if it fails
+                    res.copies.setdefault(h, []).append(path)
                 continue
             if (path, h) in bad:  # failed before with these very bytes: not retried
                 res.skipped_known_errors += 1
@@ -198,9 +200,12 @@ class IngestService:
         ids = [i for i, _ in bad]
         hashes = st.hashes_for(ids)
         for id_, err in bad:
-            self._record_error(paths[id_], err, hashes.get(id_))
-            res.error_list.append(ImageError(path=paths[id_], error=err, id=id_))
-        res.errors += len(bad)
+            copies = res.copies.pop(hashes.get(id_), [])  # same bytes under other paths: just as unreadable
+            for path in [paths[id_], *copies]:
+                self._record_error(path, err, hashes.get(id_))
+                res.error_list.append(ImageError(path=path, error=err, id=id_ if path == paths[id_] else None))
+            res.errors += 1 + len(copies)
+            res.skipped_duplicates -= len(copies)
         if version == st.active_version and not self._has_other_vectors(ids, version):
             st.delete_ids_everywhere(ids)  # never embedded: the image was not really added
 

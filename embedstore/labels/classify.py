@@ -191,11 +191,13 @@ class ClassifyService:
         ]
         st = self.storage
         with st.write_lock():
+            labeled = set(self.labels.labels(source=None))  # labeled since this classify read the labels: no prediction
+            rows = [r for r in rows if r["id"] not in labeled]
             if replace_all:
-                st.table("predictions", create=True).delete("true")
+                st.add_rows("predictions", rows, "replace")  # one commit
             else:
                 st.delete_ids("predictions", [r["id"] for r in rows])
-            st.add_rows("predictions", rows)
+                st.add_rows("predictions", rows)
             # each classify rewrites the table: drop old versions so the store does not grow
             st.compact("predictions", cleanup_older_than=dt.timedelta(minutes=1))
 

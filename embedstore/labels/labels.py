@@ -97,9 +97,8 @@ class LabelService:
         st = self.storage
         with st.write_lock():
             before = self.labels(source=None)
-            st.delete_ids("labels", list(mapping))
-            t = now()
-            st.add_rows("labels", [{"id": i, "label": c, "source": source, "time": t} for i, c in mapping.items()])
+            t = now()  # one commit: a kill leaves the old labels or the new ones, never none
+            st.add_rows("labels", [{"id": i, "label": c, "source": source, "time": t} for i, c in mapping.items()], "upsert")
             st.delete_ids("predictions", list(mapping))  # a labeled image needs no prediction
         return LabelResult(
             labeled=sum(1 for i, c in mapping.items() if before.get(i) != c),
