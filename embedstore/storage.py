@@ -203,11 +203,6 @@ class Storage:
         return start
 
     # ---- locking ----------------------------------------------------------------------------
-    @property
-    def locked(self) -> bool:
-        """Whether this process holds the write lock now."""
-        return self._lock_depth > 0
-
     @contextmanager
     def write_lock(self, timeout: float | None = None):
         """Exclusive write lock across processes (re-entrant); waits up to `timeout` s, then StoreLockedError.
