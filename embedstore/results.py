@@ -32,6 +32,19 @@ def _plain(v: Any) -> Any:
     return v
 
 
+class ListsUnknown:
+    """For results that name the items given that are not in the store (`unknown`): their count too."""
+
+    unknown: list[str]
+
+    @property
+    def unknown_count(self) -> int:
+        return len(self.unknown)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "unknown_count": self.unknown_count}
+
+
 # ---- ingest ---------------------------------------------------------------------------------------
 @dataclass
 class VectorSet:
@@ -90,16 +103,9 @@ class AddResult(Result):
 
 
 @dataclass
-class RemoveResult(Result):
+class RemoveResult(ListsUnknown, Result):
     removed: int  # images removed (with their vectors, labels and predictions)
     unknown: list[str] = field(default_factory=list)  # items given that are not in the store
-
-    @property
-    def unknown_count(self) -> int:
-        return len(self.unknown)
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "unknown_count": self.unknown_count}
 
 
 # ---- store ------------------------------------------------------------------------------------------
@@ -176,7 +182,7 @@ class IndexSummary(Result):
 
 # ---- labels -----------------------------------------------------------------------------------------
 @dataclass
-class LabelResult(Result):
+class LabelResult(ListsUnknown, Result):
     labeled: int  # images whose label changed (new or relabeled)
     relabeled: int  # of those, images that had another class
     unchanged: int
@@ -192,25 +198,14 @@ class LabelResult(Result):
     def new_class(self) -> bool:
         return bool(self.new_classes)
 
-    @property
-    def unknown_count(self) -> int:
-        return len(self.unknown)
-
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "new_class": self.new_class, "unknown_count": self.unknown_count}
+        return {**super().to_dict(), "new_class": self.new_class}
 
 
 @dataclass
-class UnlabelResult(Result):
+class UnlabelResult(ListsUnknown, Result):
     unlabeled: int
     unknown: list[str] = field(default_factory=list)
-
-    @property
-    def unknown_count(self) -> int:
-        return len(self.unknown)
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "unknown_count": self.unknown_count}
 
 
 @dataclass

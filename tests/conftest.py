@@ -79,3 +79,16 @@ def digits_store(digits_store_path, tmp_path):
     dst = tmp_path / "digits.es"
     shutil.copytree(digits_store_path, dst)
     return embedstore.open(dst, create=False)
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    """A seeded random-weight timm `test_efficientnet` checkpoint: a backbone that costs almost nothing to run
+    (crash-point and concurrency tests, where only the store's behaviour matters)."""
+    import timm
+    import torch
+
+    p = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_efficientnet", num_classes=0).state_dict(), p)
+    return p

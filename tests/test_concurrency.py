@@ -161,15 +161,6 @@ def digest(path: Path) -> str:
     return hashlib.blake2b(path.read_bytes(), digest_size=20).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    import timm
-    import torch
-
-    p = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("test_efficientnet", num_classes=0).state_dict(), p)
-    return p
 
 
 def run_concurrently(tmp_path: Path, weights: Path, rounds: int, base_n: int = 30, timeout: float = 240) -> None:

@@ -138,15 +138,6 @@ def zygote(tmp_path_factory):
     z.close()
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    import timm
-    import torch
-
-    p = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.manual_seed(0)
-    torch.save(timm.create_model("test_efficientnet", num_classes=0).state_dict(), p)
-    return p
 
 
 def moments(rng: np.random.Generator, n: int, span: float) -> list[float]:

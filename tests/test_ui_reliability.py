@@ -27,21 +27,13 @@ from PIL import Image  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import embedstore  # noqa: E402
-from embedstore.ui import APP_PATH, common  # noqa: E402
+from embedstore.ui import common  # noqa: E402
+from test_ui import open_app  # noqa: E402  (tests/ is on sys.path: one AppTest opener for both files)
 
 ABS_PATH = re.compile(r"(?<![\w.])/(?:tmp|home|root|work|usr|var)/")
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def open_app(store, monkeypatch, page: str | None = None) -> AppTest:
-    monkeypatch.setenv("EMBEDSTORE_STORE", str(store.root))
-    at = AppTest.from_file(str(APP_PATH), default_timeout=180)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    if page:
-        at.sidebar.radio(key="nav").set_value(page).run()
-        assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def result_captions(at) -> list[str]:
