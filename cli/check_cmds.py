@@ -24,7 +24,7 @@ def check(
     """Verify STORE (manifest, tables, vectors, labels, index checksums, weights, temp files); exit 1 if problems remain."""
     import embedstore
 
-    res = embedstore.Store.check(store, repair=repair)  # on the class: works when the manifest cannot be read
+    res = embedstore.Store.check_path(store, repair=repair)  # works when the manifest cannot be read
     if json_:
         emit_json(res.to_dict())
     else:

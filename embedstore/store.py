@@ -386,8 +386,10 @@ class Store:
     # ---- integrity -----------------------------------------------------------------------
     def check(self, repair: bool = False) -> CheckResult:
         """Verify the whole store (manifest, tables, vectors, labels, index checksums, weights, temp files); with
-        repair=True fix what is safe (embedstore/check.py lists what). Also callable on the class with a path,
-        `Store.check(PATH, repair)`, for a store that cannot be opened (a damaged manifest)."""
-        if isinstance(self, Store):
-            return check_store(self.storage, self.index, repair)
-        return check_path(self, repair)
+        repair=True fix what is safe (embedstore/check.py lists what)."""
+        return check_store(self.storage, self.index, repair)
+
+    @staticmethod
+    def check_path(path: str | os.PathLike, repair: bool = False) -> CheckResult:
+        """`check` for a store that may not open (a damaged manifest): what `embedstore check` runs."""
+        return check_path(path, repair)

@@ -252,7 +252,7 @@ def test_check_reports_what_it_cannot_repair(store_dir):
         s.storage.write_manifest()
     for f in (store_dir / "lance" / "labels.lance").rglob("*.lance"):  # a table whose data files are gone
         f.unlink()
-    res = embedstore.Store.check(store_dir, repair=True)
+    res = embedstore.Store.check_path(store_dir, repair=True)
     codes = {f.code: f for f in res.findings}
     assert not res.ok and "weights-missing" in codes and not codes["weights-missing"].repaired
     assert f"embedstore use STORE {v}" in codes["weights-missing"].fix
