@@ -226,8 +226,7 @@ class Storage:
             mf.release_lock(fd)
 
     def discard(self, made: str) -> bool:
-        """Delete this store when it holds no images or labels (a first add that found nothing); see
-        manifest.remove_store for `made`. Returns whether it was deleted."""
+        """Delete this just-made store if it holds no images or labels (see manifest.remove_store); True if so."""
         with self.write_lock():
             if self.count("images") or self.count("labels"):
                 return False
@@ -253,9 +252,12 @@ class Storage:
         return list(getattr(res, "tables", res))
 
     def table(self, name: str, create: bool = False):
-        """Open a LanceDB table; None when missing, unless create=True (then made empty with its schema)."""
+        """Open a LanceDB table; None when missing or still being created elsewhere, unless create=True."""
         if name in self.table_names():
-            return self.db.open_table(name)
+            try:
+                return self.db.open_table(name)
+            except ValueError:  # "Table ... was not found": its first commit is not written yet
+                pass
         if not create:
             return None
         return self.db.create_table(name, schema=self._schema(name), exist_ok=True)
@@ -317,8 +319,7 @@ class Storage:
         return before - self.count("images")
 
     def add_rows(self, name: str, rows: list[dict] | pa.Table, how: str = "append") -> None:
-        """One commit: "append" rows, "upsert" them by id (replace rows of the same ids), or "replace" the
-        whole table with them (a kill never leaves the old rows deleted and the new ones missing)."""
+        """One commit (a kill leaves the old rows or the new): "append", "upsert" by id, or "replace" all."""
         t = self.table(name, create=True)
         data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=self._schema(name))
         if how == "replace":
