@@ -16,7 +16,7 @@ import io
 import itertools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -116,7 +116,6 @@ class EmbedStats:
     seconds: float = 0.0
     batch_size: int = 0
     device: str = "cpu"
-    errors: list = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
