@@ -15,19 +15,25 @@ from .common import JSON_OPT, STORE_ARG, emit_json, handle_errors, open_store, o
 @handle_errors
 def add(
     store: Path = STORE_ARG,
-    paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively).", show_default=False),
+    paths: List[str] = typer.Argument(..., help="Image files or folders (searched recursively), or object-storage URIs (s3://bucket/prefix/).", show_default=False),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone for a new store (see `embedstore backbones`); default offline:efficientnet_lite0."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local checkpoint file to load into the backbone (no download); for an existing store, the new place of its weights file if it was moved."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass; default: automatic."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode worker processes; default: automatic."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode worker processes (--engine ray: embedding actors); default: automatic."),
     gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG); workers only read files."),
+    tables: Optional[str] = typer.Option(None, "--tables", help="For a new store: keep its LanceDB tables on object storage (s3://BUCKET/PREFIX); STORE keeps the manifest, lock and index."),
+    engine: str = typer.Option("local", "--engine", help="local (this machine) or ray (a Ray cluster: Ray Data tasks decode, an actor pool embeds)."),
+    address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster (auto = the running one, ray://HOST:10001); default: a local Ray."),
+    num_gpus_per_worker: float = typer.Option(0.0, "--num-gpus-per-worker", min=0, help="--engine ray: GPUs per embedding actor (1 = one model per GPU)."),
     json_: bool = JSON_OPT,
 ):
     """Add images to STORE (creating it): new content is embedded, duplicates skipped, a killed run resumes."""
-    s = open_store(store, create=True, backbone=backbone, weights=str(weights) if weights else None, device=device)
+    s = open_store(store, create=True, backbone=backbone, weights=str(weights) if weights else None, device=device,
+                   tables=tables)
     res = s.add(
-        [str(p) for p in paths], batch_size=batch_size, workers=workers, progress=not json_, gpu_decode=gpu_decode
+        paths, batch_size=batch_size, workers=workers, progress=not json_, gpu_decode=gpu_decode, engine=engine,
+        address=address, num_gpus_per_worker=num_gpus_per_worker,
     )
     if json_:
         emit_json(res.to_dict())

@@ -119,11 +119,16 @@ def classify(
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Below this confidence the label is unknown (null)."),
     explain: bool = typer.Option(False, "--explain", help="Add the nearest labeled examples to each prediction."),
     show: int = typer.Option(20, "--show", min=0, help="Predictions to list (least confident first); the JSON has all."),
+    engine: str = typer.Option("local", "--engine", help="local, or ray: predict in Ray tasks over the vectors table (huge stores; predictions written in chunks)."),
+    address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster (auto = the running one); default: a local Ray."),
     json_: bool = JSON_OPT,
 ):
     """Predict a class for every unlabeled image from the labels; --json prints the list of predictions."""
     s = open_store(store)
-    res = s.classify(head=head, threshold=threshold, explain=explain)
+    res = s.classify(head=head, threshold=threshold, explain=explain, engine=engine, address=address)
+    if res.predicted is not None and res.predicted > len(res.predictions):
+        console.print(f"{res.predicted} predictions written to the store; listed: the {len(res.predictions)} least "
+                      "confident (all of them: embedstore export STORE OUT.csv --include predictions)", highlight=False, soft_wrap=True)
     if res.skipped_reason:  # on stderr: with --json, stdout holds the predictions only
         (console if json_ else out).print(f"[yellow]warning:[/] {res.skipped_reason}", highlight=False, soft_wrap=True)
     if json_:
@@ -146,7 +151,8 @@ def classify(
     out.print(t)
     if res.reason:
         out.print(res.reason, highlight=False, soft_wrap=True)  # why this head (auto explains its choice)
-    out.print(f"{len(preds)} predictions from {res.n_labels} labels in {res.seconds:.2f}s", highlight=False)
+    n = res.predicted if res.predicted is not None else len(preds)
+    out.print(f"{n} predictions from {res.n_labels} labels in {res.seconds:.2f}s", highlight=False)
 
 
 @handle_errors

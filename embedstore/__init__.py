@@ -17,7 +17,8 @@ from embedstore.store import Store
 def open(path, backbone: str | None = None, weights: str | None = None, **kw) -> Store:  # noqa: A001
     """Open the store at `path`, creating it (with `backbone`, default offline:efficientnet_lite0) if new.
 
-    Keyword arguments: create=True, device="auto", lock_timeout=30.0.
+    Keyword arguments: create=True, device="auto", lock_timeout=30.0, tables=None (for a new store: an
+    object-storage URI such as "s3://bucket/prefix" where its LanceDB tables live).
     """
     return Store.open(path, backbone, weights, **kw)
 

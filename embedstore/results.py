@@ -250,6 +250,7 @@ class ClassifyResult(Result):
     seconds: float
     skipped: int = 0  # images left out: no vector in the version (an interrupted add)
     skipped_reason: str | None = None  # why, and what to run
+    predicted: int | None = None  # --engine ray: predictions written (the list holds the least confident only)
 
 
 @dataclass

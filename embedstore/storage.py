@@ -4,7 +4,9 @@
       manifest.json         store format, versions (backbone name, weights, fingerprint, dim, preprocess), active
                             (+ manifest.json.bak, its last written copy); see manifest.py
       lance/                LanceDB tables (schemas below): images, vectors_<version> (one per backbone
-                            version), errors, labels, predictions, evals
+                            version), errors, labels, predictions, evals. Or, when the store was made with
+                            tables="s3://bucket/prefix" (manifest key "tables"), the tables live there, on
+                            object storage, and the directory keeps only the small files below
       index/<version>.faiss FAISS index files and their JSON sidecars: caches, always rebuildable from lance/
       models/<version>.pt   fine-tuned weights (new backbone versions) and <version>.json training records
       .lock                 write lock (fcntl), held by the one process writing; a store whose lock the user
@@ -17,26 +19,25 @@ helpers; none of them builds a path, a table name or an `id IN (...)` filter its
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import lancedb
 import numpy as np
 import pyarrow as pa
 
 from embedstore import manifest as mf
+from embedstore.arrowutil import CHUNK, bytes_hash, chunks, content_hash, fixed_list, id_in, sql_str, to_matrix  # noqa: F401
 from embedstore.clock import now_iso
-from embedstore.errors import StoreLockedError, StoreNotFoundError, StoreNotWritableError
+from embedstore.errors import InvalidArgumentError, StoreLockedError, StoreNotFoundError, StoreNotWritableError
 from embedstore.results import VectorSet
 
 SCHEMA_VERSION = mf.FORMAT
 MANIFEST = mf.MANIFEST
 LOCK = mf.LOCK
-CHUNK = 2000  # ids per `id IN (...)` filter
 TS = pa.timestamp("us", tz="UTC")
 
 IMAGES_SCHEMA = pa.schema(
@@ -66,47 +67,18 @@ def vectors_table_name(version: str) -> str:
     return f"vectors_{version}"
 
 
-# ---- small helpers ------------------------------------------------------------------------------
-def content_hash(path: str | os.PathLike) -> str:
-    """blake2b-160 of a file's bytes: the identity of an image's content (dedup, label survival)."""
-    h = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def object_store_options() -> dict[str, str]:
+    """LanceDB storage options from the environment: credentials and the endpoint are read by Lance itself from
+    AWS_*; an http:// endpoint (MinIO, moto, a local gateway) needs allow_http."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    return {"allow_http": "true"} if endpoint.startswith("http://") else {}
 
 
-def bytes_hash(data: bytes) -> str:
-    """The same hash as content_hash, of bytes already read (read once: hash what is decoded)."""
-    return hashlib.blake2b(data, digest_size=20).hexdigest()
-
-
-def sql_str(s: str) -> str:
-    return "'" + str(s).replace("'", "''") + "'"
-
-
-def id_in(ids: Iterable[int]) -> str:
-    """A LanceDB filter selecting the given image ids."""
-    return f"id IN ({', '.join(str(int(i)) for i in ids)})"
-
-
-def chunks(seq: Sequence, n: int = CHUNK) -> Iterator[Sequence]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
-
-
-def fixed_list(vecs: np.ndarray) -> pa.FixedSizeListArray:
-    """(N, D) float32 -> the Arrow column type of a vectors table."""
-    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
-
-
-def to_matrix(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    """A vectors column -> (N, D) float32."""
-    if len(col) == 0:
-        return np.zeros((0, dim), np.float32)
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return np.ascontiguousarray(arr.values.to_numpy(zero_copy_only=False).reshape(-1, dim), dtype=np.float32)
+def check_tables_uri(uri: str) -> None:
+    """Refuse a tables location that is not an object-storage URI LanceDB can use."""
+    if not isinstance(uri, str) or "://" not in uri or uri.split("://")[0] not in ("s3", "gs", "az", "abfs", "memory"):
+        raise InvalidArgumentError(f"--tables {uri!r} is not an object-storage URI; pass s3://BUCKET/PREFIX "
+                                   "(or gs://, az://), or leave it out to keep the tables in the store folder")
 
 
 class Storage:
@@ -116,7 +88,10 @@ class Storage:
         self.root = Path(root)
         self.manifest = manifest
         self.lock_timeout = lock_timeout
-        self.db = lancedb.connect(str(self.root / "lance"))
+        self.tables_uri = manifest.get("tables") or str(self.root / "lance")
+        self.remote = "://" in self.tables_uri
+        self.storage_options = object_store_options() if self.remote else {}
+        self.db = lancedb.connect(self.tables_uri, storage_options=self.storage_options or None)
         self._lock_depth = 0
 
     # ---- opening ----------------------------------------------------------------------------
@@ -153,10 +128,14 @@ class Storage:
         return storage
 
     @classmethod
-    def create(cls, root: Path, first_version: dict, version: str, lock_timeout: float = 30.0) -> "Storage":
-        """A new store directory whose one backbone version (`first_version`, describe()'d) is active."""
+    def create(cls, root: Path, first_version: dict, version: str, lock_timeout: float = 30.0,
+               tables: str | None = None) -> "Storage":
+        """A new store directory whose one backbone version (`first_version`, describe()'d) is active; its
+        tables in root/lance, or at `tables` (an object-storage URI such as s3://bucket/prefix)."""
         root = Path(root)
         cls.check_free(root)
+        if tables is not None:
+            check_tables_uri(tables)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -169,6 +148,7 @@ class Storage:
             "active_version": version,
             "next_id": 0,
             "versions": {version: {**first_version, "created": now_iso("microseconds"), "parent": None}},
+            **({"tables": tables.rstrip("/")} if tables else {}),
         }
         storage = cls(root, manifest, lock_timeout)
         with storage.write_lock():
@@ -350,10 +330,16 @@ class Storage:
                  "images": "images"}
         return {"version": self.active_version, **{k: self.table_version(n) for k, n in names.items()}}
 
+    def table_uri(self, name: str) -> str:
+        """Where a table's Lance dataset lives (a local path or an object-storage URI): for readers such as Ray."""
+        return f"{self.tables_uri}/{name}.lance"
+
     def table_stamp(self, name: str) -> tuple | None:
         """(inode, mtime) of a table's commit directory (every LanceDB commit adds a file there): a check
         cheaper than opening the table. None when missing or changed in the last 2 seconds, so coarse
-        file-system clocks cannot hide a commit."""
+        file-system clocks cannot hide a commit. None always on object storage (callers compare versions)."""
+        if self.remote:
+            return None
         try:
             s = os.stat(self.root / "lance" / f"{name}.lance" / "_versions")
         except OSError:

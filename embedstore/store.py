@@ -16,6 +16,7 @@ in a line or two. Results are the dataclasses of results.py.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -25,6 +26,7 @@ import pyarrow as pa
 from embedstore.check import CheckResult, check_path, check_store
 from embedstore.errors import (
     BackboneLoadError,
+    InvalidArgumentError,
     BackboneMismatchError,
     EmptyInputError,
     StoreNotFoundError,
@@ -33,6 +35,7 @@ from embedstore.ingest.backbones import DEFAULT_BACKBONE, load_backbone, parse_n
 from embedstore.ingest.backbones.base import Backbone, file_digest
 from embedstore.ingest.ingest import IngestService
 from embedstore.ingest.pipeline import resolve_device
+from embedstore.ingest.ray_engine import make_engine
 from embedstore.labels.classify import ClassifyService
 from embedstore.labels.labels import LabelService
 from embedstore.loop.versions import LoopService
@@ -89,11 +92,20 @@ class Store:
         create: bool = True,
         device: str = "auto",
         lock_timeout: float = 30.0,
+        tables: str | None = None,
     ) -> "Store":
+        if re.match(r"(s3|gs|gcs|az|abfs|hdfs|https?):/", str(path)):  # s3://... (s3:/... once it went through Path)
+            raise InvalidArgumentError(
+                f"STORE must be a local folder (it holds the manifest, the write lock and the index cache), not "
+                f"{str(path).replace(':/', '://', 1) if '://' not in str(path) else path}; "
+                "to keep the tables on object storage create it with --tables s3://BUCKET/PREFIX (Python: tables=...)")
         root = Path(path).expanduser().resolve()
         if Storage.exists(root):
             store = cls(Storage.load(root, lock_timeout), device)
             store._check_backbone_request(backbone, weights)
+            if tables and tables.rstrip("/") != store.storage.tables_uri:
+                raise InvalidArgumentError(f"store {root} already keeps its tables at {store.storage.tables_uri}; "
+                                           "leave --tables out, or pick a new STORE for another location")
             return store
         Storage.check_free(root)
         if not create:
@@ -102,7 +114,7 @@ class Store:
         parse_name(name)  # fail on a bad name ("" included) before touching the disk
         bb = load_backbone(name, weights, device=resolve_device(device))
         existed = root.exists()
-        store = cls(Storage.create(root, bb.describe(), bb.version, lock_timeout), device)
+        store = cls(Storage.create(root, bb.describe(), bb.version, lock_timeout, tables), device)
         store._backbones[bb.version] = bb
         store._made = "dir" if not existed else "contents"  # what a failed first add takes back
         return store
@@ -213,16 +225,22 @@ class Store:
 
     # ---- ingest --------------------------------------------------------------------------
     def add(self, paths: Iterable[str | os.PathLike], *, batch_size: int | None = None, workers: int | None = None,
-            progress: bool = True, gpu_decode: bool = False) -> AddResult:
-        """Add image files/folders: dedup by content hash, embed new images, commit in batches (kill-safe).
+            progress: bool = True, gpu_decode: bool = False, engine: str = "local", address: str | None = None,
+            num_gpus_per_worker: float = 0.0) -> AddResult:
+        """Add image files/folders/URIs (s3://bucket/prefix/): dedup by content hash, embed new images, commit in
+        batches (kill-safe). engine="ray": hashing and embedding run on a Ray cluster (`address`: None = a local
+        Ray, "auto" = the running cluster), `workers` embedding actors with `num_gpus_per_worker` GPUs each.
 
         When the first add into a store that open() just created finds no image to add (a missing folder,
         one without images), the store is taken back, so a retry may choose another backbone. (Files that
         are there but unreadable keep the store: its errors table remembers them.)"""
         made, self._made = self._made, None  # only the first add may take the store back
         try:
-            return self.ingest.add(paths, batch_size=batch_size, workers=workers, progress=progress, gpu_decode=gpu_decode)
-        except EmptyInputError:
+            eng = make_engine(engine, address=address, workers=workers, gpus_per_worker=num_gpus_per_worker,
+                              batch_size=batch_size)
+            return self.ingest.add(paths, batch_size=batch_size, workers=workers, progress=progress, gpu_decode=gpu_decode,
+                                   engine=eng)
+        except (EmptyInputError, InvalidArgumentError):  # discard() keeps a store that holds images or labels
             if made is not None:
                 self.storage.discard(made)
             raise
@@ -343,9 +361,12 @@ class Store:
         return self.classifying.fit_head(head, **kw)
 
     def classify(self, head: str = "auto", threshold: float | None = None, explain: bool = False,
-                 ids: Sequence[int] | None = None, k_explain: int = 3, persist: bool = True, **head_kw) -> ClassifyResult:
-        """Fit `head` on the labels, predict every unlabeled image (or `ids`), persist the predictions."""
-        return self.classifying.classify(head, threshold, explain, ids, k_explain, persist, **head_kw)
+                 ids: Sequence[int] | None = None, k_explain: int = 3, persist: bool = True, *, engine: str = "local",
+                 address: str | None = None, **head_kw) -> ClassifyResult:
+        """Fit `head` on the labels, predict every unlabeled image (or `ids`), persist the predictions.
+        engine="ray": predicted in Ray tasks over the vectors table, written in chunks (classify_ray.py)."""
+        return self.classifying.classify(head, threshold, explain, ids, k_explain, persist,
+                                         engine=make_engine(engine, address=address), **head_kw)
 
     def predictions(self) -> pa.Table:
         return self.classifying.predictions()

@@ -1,6 +1,6 @@
 """Image files: finding them in folders, opening them as RGB, refusing decompression bombs.
 
-Depends only on Pillow (not on the pipeline or the backbones), so both can import it.
+Depends only on Pillow and sources.py (not on the pipeline or the backbones), so both can import it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from embedstore.ingest.sources import is_uri, list_uri, read_bytes
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -60,6 +62,8 @@ def load_image(src, pre: DraftTarget | None = None) -> Image.Image:
     Raises on unreadable, truncated, non-image and decompression-bomb files.
     """
     _quiet_bomb_warning()
+    if is_uri(src):
+        src = read_bytes(src)
     try:
         im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
     except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses in open(); same advice as ours
@@ -93,7 +97,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def list_image_files(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
-    """Expand files and folders (recursively) into absolute image paths; also return missing paths.
+    """Expand files, folders (recursively) and object-storage URIs into image paths; also return missing paths.
 
     Files named explicitly are always tried (a bad one is recorded as an error); inside folders only
     files with image extensions are taken.
@@ -101,6 +105,11 @@ def list_image_files(paths: Sequence[str | os.PathLike]) -> tuple[list[str], lis
     files: list[str] = []
     missing: list[str] = []
     for p in paths:
+        if is_uri(p):  # object storage: s3://bucket/prefix/ (see sources.py)
+            found, gone = list_uri(p, IMAGE_EXTENSIONS)
+            files += found
+            missing += gone
+            continue
         p = Path(p).expanduser()
         if p.is_dir():
             for q in sorted(p.rglob("*")):

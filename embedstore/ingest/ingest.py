@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -19,7 +19,8 @@ from embedstore.ingest.backbones.base import Backbone
 from embedstore.ingest.pipeline import EmbedStats, embed_items, list_image_files
 from embedstore.progress import progress_bar, progress_iter
 from embedstore.results import AddResult, ImageError, RemoveResult
-from embedstore.storage import Storage, content_hash, id_in, sql_str, vectors_table_name
+from embedstore.ingest.sources import hash_and_size
+from embedstore.storage import Storage, id_in, sql_str, vectors_table_name
 
 COMMIT_EVERY = 256  # images per vector commit: a kill loses at most this much work
 
@@ -48,8 +49,11 @@ class IngestService:
         workers: int | None = None,
         progress: bool = True,
         gpu_decode: bool = False,
+        engine=None,
     ) -> AddResult:
-        """Add image files/folders: dedup by content hash, embed new images, commit in batches."""
+        """Add image files/folders: dedup by content hash, embed new images, commit in batches.
+
+        engine: None (this machine) or a RayEngine (hashing and embedding as Ray jobs; this process commits)."""
         t0 = time.perf_counter()
         paths = list(paths)
         if not paths:
@@ -65,11 +69,11 @@ class IngestService:
         res = AddResult(missing_paths=missing)
         st = self.storage
         with st.write_lock():
-            new_ids = self._record_images(files, res, progress)
+            new_ids = self._record_images(files, res, progress, engine)
             pending = self.pending(st.active_version)
             res.resumed = len([i for i, _ in pending if i not in new_ids])
             self.embed_pending(st.active_version, pending, res, batch_size=batch_size, workers=workers,
-                               progress=progress, gpu_decode=gpu_decode)
+                               progress=progress, gpu_decode=gpu_decode, engine=engine)
             res.added = len(new_ids) - len([e for e in res.error_list if e.id in new_ids])
             if res.added + res.resumed > 0:
                 self._vectors_changed()
@@ -82,7 +86,20 @@ class IngestService:
             )
         return res
 
-    def _record_images(self, files: list[str], res: AddResult, progress: bool) -> set[int]:
+    @staticmethod
+    def _hashed(files: list[str], progress: bool, engine) -> Iterator[tuple[str, str | None, int | None, str | None]]:
+        """(path, hash, size, None) or (path, None, None, error) per file: here, or as a Ray job."""
+        if engine is not None:
+            with progress_bar(len(files), "hashing (ray)", progress) as advance:
+                yield from engine.hash_files(files, advance)
+            return
+        for path in progress_iter(files, "hashing", progress):
+            try:
+                yield (path, *hash_and_size(path), None)
+            except OSError as e:
+                yield path, None, None, f"{type(e).__name__}: {e}"
+
+    def _record_images(self, files: list[str], res: AddResult, progress: bool, engine=None) -> set[int]:
         """Insert rows for new content; same bytes already present (any path) are skipped."""
         st = self.storage
         by_path, by_hash = st.image_index()
@@ -90,13 +107,11 @@ class IngestService:
         bad = set(zip(errs.column("path").to_pylist(), errs.column("hash").to_pylist())) if errs is not None else set()
         known_hashes = set(by_hash)
         rows, replaced = [], []
-        for path in progress_iter(files, "hashing", progress):
-            try:
-                h, size = content_hash(path), os.path.getsize(path)
-            except OSError as e:
-                self._record_error(path, f"{type(e).__name__}: {e}", None)
+        for path, h, size, err in self._hashed(files, progress, engine):
+            if err is not None:
+                self._record_error(path, err, None)
                 res.errors += 1
-                res.error_list.append(ImageError(path=path, error=str(e)))
+                res.error_list.append(ImageError(path=path, error=err))
                 continue
             if h in known_hashes:
                 res.skipped_duplicates += 1
@@ -149,6 +164,7 @@ class IngestService:
         workers: int | None = None,
         progress: bool = False,
         gpu_decode: bool = False,
+        engine=None,
     ) -> AddResult:
         """Embed `pending` (default: everything `version` lacks) into `version`'s table; call under the lock.
 
@@ -172,12 +188,14 @@ class IngestService:
                 buf_vecs.clear()
 
         paths = dict(pending)  # for error rows
-        with progress_bar(len(pending), f"embedding ({device})", progress) as advance:
+        every = COMMIT_EVERY if engine is None else engine.commit_every
+        with progress_bar(len(pending), f"embedding ({device if engine is None else engine.name})", progress) as advance:
             buffered = 0
-            for ids, vecs, bad in embed_items(
+            batches = embed_items(
                 bb, pending, device=device, batch_size=batch_size, workers=workers, progress=advance, stats=stats,
                 gpu_decode=gpu_decode,
-            ):
+            ) if engine is None else engine.embed(bb, pending, progress=advance, stats=stats)
+            for ids, vecs, bad in batches:
                 if len(ids):
                     buf_ids.append(ids)
                     buf_vecs.append(vecs)
@@ -186,7 +204,7 @@ class IngestService:
                     flush()
                     buffered = 0
                     self._failed(version, bad, paths, res)
-                if buffered >= COMMIT_EVERY:
+                if buffered >= every:
                     flush()
                     buffered = 0
             flush()

@@ -26,6 +26,7 @@ from PIL import Image
 from embedstore.errors import InvalidArgumentError
 from embedstore.ingest.backbones.base import Backbone, PreprocessCfg
 from embedstore.ingest.images import check_pixel_limit
+from embedstore.ingest.sources import read_bytes
 from embedstore.ingest.images import load_image, list_image_files, IMAGE_EXTENSIONS  # noqa: F401
 
 CPU_BATCH = 4  # fastest for efficientnet_lite0 at 1 thread per stream: larger batches allocate
@@ -284,8 +285,7 @@ class RawDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         id_, path = self.items[i]
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_bytes(path)
             check_pixel_limit(Image.open(io.BytesIO(data)))
             return id_, data, None
         except Exception as e:

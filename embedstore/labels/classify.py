@@ -114,14 +114,23 @@ class ClassifyService:
         ids: Sequence[int] | None = None,
         k_explain: int = 3,
         persist: bool = True,
+        engine=None,
         **head_kw,
     ) -> ClassifyResult:
         """Fit `head` on the labels, predict every unlabeled image (or `ids`), persist the predictions.
+        engine: None (here) or a RayEngine (classify_ray: for stores too big for one process).
 
         `threshold`: below it (confidence = calibrated top probability x familiarity, see Head.decide)
         the label is None (unknown)."""
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise InvalidArgumentError(f"threshold {threshold} is outside 0..1; pass a probability such as 0.5")
+        if engine is not None:
+            if explain or ids is not None or not persist:
+                raise InvalidArgumentError("--engine ray predicts every unlabeled image and stores the predictions; "
+                                           "leave out --explain / ids / persist=False, or use --engine local")
+            from embedstore.labels.classify_ray import classify_ray
+
+            return classify_ray(self, engine, head, threshold, **head_kw)
         t0 = time.perf_counter()
         if persist:
             self.storage.require_writable()  # fail before the work, not after it

@@ -21,6 +21,7 @@ import pyarrow as pa
 from embedstore.clock import now
 from embedstore.errors import EmptyInputError, InvalidArgumentError
 from embedstore.ingest.images import list_image_files
+from embedstore.ingest.sources import is_uri
 from embedstore.results import LabelResult, UnlabelResult
 from embedstore.storage import Storage, content_hash
 
@@ -57,6 +58,10 @@ class LabelService:
         for it in items:
             if isinstance(it, (int, np.integer)) and not isinstance(it, bool):
                 out.append([int(it)] if int(it) in known else [])
+                continue
+            if is_uri(it):  # s3://bucket/key (an image) or s3://bucket/prefix/ (every image below it)
+                prefix = str(it).rstrip("/") + "/"
+                out.append([by_path[it]] if it in by_path else sorted(i for q, i in by_path.items() if q.startswith(prefix)))
                 continue
             p = Path(str(it)).expanduser()
             p = (p if p.is_absolute() else base / p).resolve()
