@@ -94,7 +94,7 @@ class Embedder:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from embedstore.ingest.pipeline import normalize_batch
+        from embedstore.ingest.pipeline import CPU_BATCH, normalize_batch
 
         if self.pre is not None:
             batch = decode_batch(batch, self.pre)
@@ -105,14 +105,13 @@ class Embedder:
             x = normalize_batch(u8, self.bb.preprocess)
             if self.amp is not None:
                 with torch.autocast("cuda", dtype=self.amp):
-                    out = self.bb.forward(x)
-            else:
-                out = self.bb.forward(x)
-            vecs[ok] = out.float().cpu().numpy()
+                    vecs[ok] = self.bb.forward(x).float().cpu().numpy()
+            else:  # small forward batches on CPU, as the local engine does (CPU_BATCH: measured ~4x faster than 64)
+                vecs[ok] = np.concatenate([self.bb.forward(x[i : i + CPU_BATCH]).numpy() for i in range(0, len(x), CPU_BATCH)])
         return {"id": batch["id"], "vector": vecs, "error": batch["error"]}
 
 
-def _quiet(batches: Iterator) -> Iterator:
+def quiet_ray_warnings(batches: Iterator) -> Iterator:
     """Ray Data's advice on tuning ("won't fully utilize the available concurrency") is not for our users."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data")
@@ -187,7 +186,7 @@ class RayEngine:
             return
         ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=self._blocks(len(files), HASH_BATCH))
         ds = ds.map_batches(hash_batch, batch_size=HASH_BATCH, batch_format="numpy")
-        for b in _quiet(ds.iter_batches(batch_size=None, batch_format="numpy")):
+        for b in quiet_ray_warnings(ds.iter_batches(batch_size=None, batch_format="numpy")):
             for p, h, n, e in zip(b["path"], b["hash"], b["size"], b["error"]):
                 yield (str(p), None, None, str(e)) if e else (str(p), str(h), int(n), None)
             if progress:
@@ -220,7 +219,7 @@ class RayEngine:
                             num_gpus=self.gpus_per_worker or None)
         seen: set[int] = set()
         t0 = time.perf_counter()
-        for b in _quiet(ds.iter_batches(batch_size=None, batch_format="numpy")):
+        for b in quiet_ray_warnings(ds.iter_batches(batch_size=None, batch_format="numpy")):
             ids = np.asarray(b["id"], np.int64)
             fresh = np.asarray([int(i) not in seen for i in ids], bool)  # a retried batch may come twice
             seen.update(int(i) for i in ids)

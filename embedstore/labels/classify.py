@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from embedstore.clock import now
 from embedstore.errors import EmptyInputError, InvalidArgumentError, NotSupportedError
+from embedstore.labels.choice import MAX_UNLABELED, NO_LABELS_HINT, _head_label, describe_choice
 from embedstore.ingest.backbones.base import Backbone
 from embedstore.labels import evaluate as evaluation
 from embedstore.labels import export as exporting
@@ -38,8 +39,6 @@ from embedstore.results import (
 from embedstore.storage import Storage
 
 TEXT_HEADS = ("zeroshot", "fused")
-MAX_UNLABELED = 5_000  # unlabeled vectors a head sees while fitting (transductive heads, centering)
-NO_LABELS_HINT = "label a few images per class first: embedstore label STORE --class NAME IMAGES..."
 
 
 class ClassifyService:
@@ -290,24 +289,6 @@ class ClassifyService:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def describe_choice(h, requested: str, n_labels: int) -> str:
-    """One line on which head predicts and why (auto: its cross-validated choice)."""
-    chosen = _head_label(h, requested)
-    if requested != "auto":
-        return f"head {chosen}, as asked"
-    scores = getattr(h, "cv_scores", None) or {}
-    if not scores:
-        why = getattr(h, "note", "") or (f"some class has a single label, too few to cross-validate a choice "
-                                         f"({n_labels} labels); label 2+ images per class to let auto choose")
-        return f"auto used {chosen}: {why}"
-    best = scores.get(chosen.replace(" + ", "+")) or {}
-    acc = best.get("accuracy")
-    note = getattr(h, "note", "")
-    return (f"auto chose {chosen}: best cross-validated accuracy"
-            + (f" {acc:.3f}" if acc is not None else "") + f" of {len(scores)} candidates on {n_labels} labels"
-            + (f" ({note})" if note else ""))
-
-
 def _per_class(preds: list[Prediction], classes: Sequence[str]) -> dict[str, ClassSummary]:
     sums: dict = {c: [0, 0.0] for c in classes}
     for p in preds:
@@ -315,14 +296,6 @@ def _per_class(preds: list[Prediction], classes: Sequence[str]) -> dict[str, Cla
             sums[p.label][0] += 1
             sums[p.label][1] += p.confidence
     return {c: ClassSummary(n, round(t / n, 4) if n else None) for c, (n, t) in sums.items()}
-
-
-def _head_label(h, requested: str) -> str:
-    """The name of what actually predicts: the head's own `chosen` (auto) or its name."""
-    chosen = getattr(h, "chosen", None) or getattr(h, "chosen_name", None)
-    if chosen:
-        return str(chosen)
-    return getattr(h, "name", requested) or requested
 
 
 def _neighbors(Q: np.ndarray, L: np.ndarray, k: int, block: int = 8192):

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from embedstore.clock import now
 from embedstore.errors import EmptyInputError, InvalidArgumentError
+from embedstore.labels.choice import MAX_UNLABELED, NO_LABELS_HINT, _head_label, describe_choice
 from embedstore.results import ClassifyResult, ClassSummary, Prediction
 from embedstore.storage import TS, vectors_table_name
 
@@ -85,13 +86,13 @@ def classify_ray(svc, engine, head: str = "auto", threshold: float | None = None
                              storage_options=st.storage_options or None)
     ds = ds.map_batches(predict_batch, batch_format="numpy", batch_size=8192,
                         fn_args=(ray.put(_portable(h)), ray.put(lab_ids), threshold))
-    chosen = _head_label_of(svc, h, head)
+    chosen = _head_label(h, head)
     counts: dict[str, list] = {c: [0, 0.0] for c in h.classes}
     unknown, total, low, buf = 0, 0, [], []
     with st.write_lock():
-        from embedstore.ingest.ray_engine import _quiet
+        from embedstore.ingest.ray_engine import quiet_ray_warnings
 
-        for b in _quiet(ds.iter_batches(batch_size=None, batch_format="numpy")):
+        for b in quiet_ray_warnings(ds.iter_batches(batch_size=None, batch_format="numpy")):
             for i, lb, c, p in zip(b["id"], b["label"], b["confidence"], b["probability"]):
                 lb = str(lb) or None
                 total += 1
@@ -108,8 +109,6 @@ def classify_ray(svc, engine, head: str = "auto", threshold: float | None = None
         _append(st, buf, chosen, version, run_time)
         st.table("predictions", create=True).delete(f"time < timestamp '{run_time.isoformat()}'")
         st.compact("predictions", cleanup_older_than=dt.timedelta(minutes=1))
-    from embedstore.labels.classify import describe_choice
-
     paths = st.paths_for([i for _, i, _, _ in low])
     preds = [Prediction(i, paths.get(i, ""), lb, round(-nc, 4), chosen, probability=round(p, 4))
              for nc, i, lb, p in sorted(low, reverse=True)]
@@ -121,22 +120,12 @@ def classify_ray(svc, engine, head: str = "auto", threshold: float | None = None
     )
 
 
-def _head_label_of(svc, h, head: str) -> str:
-    from embedstore.labels.classify import _head_label
-
-    return _head_label(h, head)
-
-
 def _fit(svc, head: str, **kw):
     """Fit like the local engine, reading only the labeled vectors and a sample of the unlabeled ones."""
-    from embedstore.labels.classify import MAX_UNLABELED
-
     st = svc.storage
     h = svc.make_head(head, None, **kw)
     labels = svc.labels.labels(source=None)
     if not labels:
-        from embedstore.labels.classify import NO_LABELS_HINT
-
         raise EmptyInputError(f"no labeled images yet; {NO_LABELS_HINT}")
     lab_ids, X = st.read_vectors(None, sorted(labels))
     order = np.argsort(lab_ids)
