@@ -129,6 +129,7 @@ class RayEngine:
     gpus_per_worker: float = 0.0
     batch_size: int | None = None
     commit_every: int = RAY_COMMIT_EVERY
+    decode_tasks: bool | None = None  # decode in separate CPU tasks; default: with GPU workers (CPU workers decode)
     name: str = "ray"
 
     def __post_init__(self):
@@ -164,10 +165,16 @@ class RayEngine:
     def pool_size(self) -> int:
         ray = self.start()
         res = ray.cluster_resources()
+        gpus = res.get("GPU", 0)
+        if self.gpus_per_worker > 0 and gpus < self.gpus_per_worker * (self.workers or 1):
+            raise InvalidArgumentError(
+                f"the Ray cluster has {gpus:g} GPUs, too few for {self.workers or 1} worker(s) with "
+                f"{self.gpus_per_worker:g} each; lower --num-gpus-per-worker/--workers, or leave --num-gpus-per-worker "
+                "out to embed on CPU workers")
         if self.workers:
             return self.workers
         if self.gpus_per_worker > 0:
-            return max(1, int(res.get("GPU", 0) // self.gpus_per_worker))
+            return max(1, int(gpus // self.gpus_per_worker))
         return max(1, int(res.get("CPU", 1)))
 
     def describe(self) -> str:
@@ -209,7 +216,8 @@ class RayEngine:
         ds = ray.data.from_items([{"id": int(i), "path": p} for i, p in items],
                                  override_num_blocks=self._blocks(len(items), bs))
         pre = backbone.preprocess.to_dict()
-        if self.gpus_per_worker:  # decode in CPU tasks, embed in GPU actors: the stages overlap
+        split = self.decode_tasks if self.decode_tasks is not None else bool(self.gpus_per_worker)
+        if split:  # decode in CPU tasks, embed in (GPU) actors: the stages overlap
             ds = ds.map_batches(decode_batch, batch_size=bs, batch_format="numpy", fn_kwargs={"pre": pre}, num_cpus=1)
             args = (ref, 1, None)
         else:  # CPU workers decode their own batches (no pixels between processes), as the local engine's streams do
