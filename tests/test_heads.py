@@ -193,7 +193,9 @@ def test_save_load_round_trip(photos, tmp_path, name):
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    return embedstore.ingest.backbones.load_backbone(TINY_CLIP)
+    from embedstore.ingest.backbones import load_backbone
+
+    return load_backbone(TINY_CLIP)
 
 
 @pytest.mark.parametrize("name", ["zeroshot", "fused"])

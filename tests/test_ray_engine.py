@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import embedstore
+from embedstore.ingest.backbones import load_backbone
 from embedstore.ingest.ray_engine import RayEngine
 
 ray = pytest.importorskip("ray")
@@ -116,7 +117,7 @@ def test_a_killed_embedding_actor_is_restarted_and_every_image_comes_once(cluste
     """SIGKILL one actor process mid-run: Ray restarts it and retries its batches; the engine yields each id once."""
     psutil = pytest.importorskip("psutil")
     items = [(i, str(p)) for i, p in enumerate(sorted(digits_dir.rglob("*.png")))]
-    bb = embedstore.ingest.backbones.load_backbone("offline:efficientnet_lite0")
+    bb = load_backbone("offline:efficientnet_lite0")
     eng = RayEngine(workers=2, batch_size=8)
     seen, killed = [], []
     for ids, vecs, bad in eng.embed(bb, items):

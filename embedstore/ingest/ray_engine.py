@@ -24,13 +24,15 @@ import dataclasses
 import logging
 import os
 import warnings
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
 from embedstore.errors import InvalidArgumentError
-from embedstore.ingest.backbones.base import Backbone, PreprocessCfg
 from embedstore.ingest.sources import aws_env
+
+if TYPE_CHECKING:
+    from embedstore.ingest.backbones.base import Backbone
 
 RAY_COMMIT_EVERY = 4096  # images per vector commit on the Ray engine (a LanceDB commit costs ~10-50 ms)
 HASH_BATCH = 64
@@ -58,6 +60,7 @@ def hash_batch(batch: dict) -> dict:
 
 def decode_batch(batch: dict, pre: dict) -> dict:
     """(id, path) rows -> id, (B, H, W, 3) uint8 pixels (zeros where unreadable), error ("" when fine)."""
+    from embedstore.ingest.backbones.base import PreprocessCfg
     from embedstore.ingest.images import load_image
     from embedstore.ingest.pipeline import preprocess_uint8
 
@@ -82,7 +85,7 @@ class Embedder:
         import ray
         import torch
 
-        bb: Backbone = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
+        bb = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, threads))
@@ -200,7 +203,7 @@ class RayEngine:
                 progress(len(b["path"]))
 
     # -- stage 2: embedding --
-    def embed(self, backbone: Backbone, items: Sequence[tuple[int, str]], progress: Callable[[int], None] | None = None,
+    def embed(self, backbone: "Backbone", items: Sequence[tuple[int, str]], progress: Callable[[int], None] | None = None,
               stats=None) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
         """Yield (ids, vectors, [(id, error)]) per batch, in any order; each id exactly once."""
         import time

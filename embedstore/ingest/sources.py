@@ -14,7 +14,7 @@ import os
 from typing import Sequence
 from urllib.parse import urlparse
 
-from embedstore.storage import bytes_hash, content_hash
+from embedstore.arrowutil import bytes_hash, content_hash
 
 AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
            "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "AWS_PROFILE")
