@@ -52,11 +52,12 @@ def index(
         show_default=False,
     ),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Build and search on the GPU (default: when FAISS sees one).", show_default=False),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Build batch by batch from the table, never holding all vectors (IVF-SQ8 unless --factory); default: when the vectors take 4 GiB or more.", show_default=False),
     json_: bool = JSON_OPT,
 ):
     """(Re)build the similarity index of STORE now (searches build and update it automatically)."""
     s = open_store(store)
-    res = s.build_index(factory=factory, gpu=gpu, progress=not json_)
+    res = s.build_index(factory=factory, gpu=gpu, progress=not json_, stream=stream)
     if json_:
         emit_json(res.to_dict())
         return
@@ -67,7 +68,7 @@ def index(
     secs = sum((res.seconds or {}).values())
     out.print(
         f"indexed [bold]{res.vectors}[/] vectors with {res.factory}{rec} in {secs:.1f}s"
-        + (" on the GPU" if res.gpu else ""),
+        + (" on the GPU" if res.gpu else "") + (" (streamed from the table)" if res.streamed else ""),
         highlight=False,
     )
 

@@ -178,6 +178,7 @@ class IndexSummary(Result):
     seconds: dict | None
     gpu: bool
     path: str
+    streamed: bool = False  # built batch by batch from the table (bounded memory; see search/streaming_index.py)
 
 
 # ---- labels -----------------------------------------------------------------------------------------

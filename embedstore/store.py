@@ -304,9 +304,11 @@ class Store:
         """Batch search: Q (N, D) -> (scores (N, k), ids (N, k)), padded with id -1."""
         return self.searching.search_vectors(Q, k)
 
-    def build_index(self, factory: str | None = None, gpu: bool | None = None, progress: bool = True) -> IndexSummary:
-        """(Re)build the active version's FAISS index now (factory=None chooses by size)."""
-        return self.searching.build_index(factory, gpu, progress)
+    def build_index(self, factory: str | None = None, gpu: bool | None = None, progress: bool = True,
+                    stream: bool | None = None) -> IndexSummary:
+        """(Re)build the active version's FAISS index now (factory=None chooses by size; stream=True: batch by batch
+        from the table, bounded memory; None: when the vectors take 4 GiB or more)."""
+        return self.searching.build_index(factory, gpu, progress, stream=stream)
 
     def duplicates(self, threshold: float = 0.95, k: int = 10) -> list[DuplicatePair]:
         """Pairs of distinct images with cosine similarity >= threshold, best first."""

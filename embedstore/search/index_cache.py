@@ -11,6 +11,9 @@ the file is saved when the write lock is free. A missing, corrupt (size or sha25
 checked on the first load in a process) or mismatched file, a big change, or growth past the size where
 another index type is chosen, means a rebuild from LanceDB. On a store the user cannot write, the index
 is caught up or rebuilt in memory and not saved (it is a cache).
+A rebuild reads the whole table into memory (faiss_index.build), or, for a store of 4 GiB of vectors or
+more or when asked (stream=True), streams it: IVF-PQ trained on a sample, filled batch by batch
+(streaming_index.py; meta "streamed": true). An index built streamed is rebuilt streamed.
 The ingest service calls `after_change(version)` after add/remove, so the file on disk stays fresh.
 Every method takes the version it works on: building the index of a version that is not (yet)
 active needs no pretending.
@@ -23,11 +26,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from embedstore.arrowutil import chunks
 from embedstore.clock import now_iso
 from embedstore.errors import EmptyInputError, StoreLockedError, StoreNotWritableError
 from embedstore.progress import progress_bar
 from embedstore.results import IndexInfo, IndexSummary
 from embedstore.search import faiss_index as fx
+from embedstore.search import streaming_index as sx
 from embedstore.storage import Storage, vectors_table_name
 
 REBUILD_PENDING = 0.5  # rebuild instead of adding when new vectors exceed this fraction of the index
@@ -156,23 +161,25 @@ class IndexCache:
         gone = np.setdiff1d(st.ids, cur, assume_unique=True)
         meta = st.meta
         factory = None if meta.get("auto", True) else meta["factory"]
+        stream = True if meta.get("streamed") else None  # built streamed: stays streamed; else the size rule
+        n, dim = len(cur), meta["dim"]
         if len(pending) > REBUILD_PENDING * max(len(st.ids), 1) or (
-            factory is None and fx.choose_factory(len(cur), meta["dim"]) != meta["factory"]
+            factory is None and sx.auto_factory(n, dim, sx.should_stream(n, dim, stream)) != meta["factory"]
         ):
-            return self.rebuild(st.version, factory=factory, reason="grown")
+            return self.rebuild(st.version, factory=factory, reason="grown", stream=stream)
         index = st.index
         if len(gone):
             try:
                 index.remove_ids(fx.faiss.IDSelectorBatch(gone))
             except RuntimeError:  # HNSW cannot remove: the ids stay inside and are filtered out
                 pass
-        if len(pending):
-            pids, X = self.storage.read_vectors(st.version, pending)
+        for part in chunks(pending, sx.STREAM_BATCH):  # a batch at a time: memory stays bounded on big stores
+            pids, X = self.storage.read_vectors(st.version, part)
             index.add_with_ids(X, pids)
         ids = fx.index_ids(index)
         excluded = np.setdiff1d(ids, cur, assume_unique=True)
         if len(excluded) > REBUILD_DELETED * len(ids):
-            return self.rebuild(st.version, factory=factory, reason="deleted")
+            return self.rebuild(st.version, factory=factory, reason="deleted", stream=stream)
         meta = {**meta, "lance_version": int(lv), "deleted": excluded.tolist(), "updated": now_iso()}
         new = IndexState(index, meta, ids, excluded, int(lv), st.version)
         new.gpu_index = fx.to_gpu(index, meta.get("params") or {}) if st.gpu_index is not None else None
@@ -180,17 +187,26 @@ class IndexCache:
         return new
 
     def rebuild(
-        self, version: str, factory: str | None = None, gpu: bool | None = None, progress: bool = False, reason: str = "asked"
+        self, version: str, factory: str | None = None, gpu: bool | None = None, progress: bool = False,
+        reason: str = "asked", stream: bool | None = None,
     ) -> IndexState:
-        """Build `version`'s index from its vectors table now and save it."""
+        """Build `version`'s index from its vectors table now and save it. stream=True reads the table in batches
+        (streaming_index: bounded memory, IVF-PQ when no factory is given), False reads it whole (faiss_index.build),
+        None chooses by size (streaming_index.should_stream). A GPU, when used, builds in-memory indexes only."""
         use_gpu = self.want_gpu(gpu)
         vt = self.vectors_or_fail(version)
-        lv = vt.version
-        ids, X = self.storage.read_vectors(version)
-        with progress_bar(len(ids), "indexing", progress, unit="vec", min_total=PROGRESS_MIN) as advance:
-            index, meta = fx.build(X, ids, factory, gpu=use_gpu, progress=advance)
+        lv, n, dim = vt.version, vt.count_rows(), self.storage.version_info(version)["dim"]
+        streamed = sx.should_stream(n, dim, stream)
+        with progress_bar(n, "indexing", progress, unit="vec", min_total=PROGRESS_MIN) as advance:
+            if streamed:
+                index, meta = sx.build_streamed(sx.TableVectors(vt, dim, lv), factory, progress=advance)
+                ids = fx.index_ids(index)
+            else:
+                ids, X = self.storage.read_vectors(version)
+                index, meta = fx.build(X, ids, factory, gpu=use_gpu, progress=advance)
+                del X
         meta.update(
-            version=version, lance_version=int(lv), deleted=[], built=now_iso(), reason=reason,
+            version=version, lance_version=int(lv), deleted=[], built=now_iso(), reason=reason, streamed=streamed,
             problem=self._problems.pop(version, None),
         )
         st = IndexState(index, meta, ids, np.zeros(0, np.int64), int(lv), version)
@@ -217,6 +233,7 @@ class IndexCache:
             factory=m["factory"], kind=m["kind"], auto=m["auto"], vectors=st.live, dim=m["dim"], params=m["params"],
             recall_at_10=m.get("recall_at_10"), seconds=m.get("seconds"),
             gpu=bool(m.get("gpu_built") or st.gpu_index is not None), path=str(self.storage.index_path(st.version)),
+            streamed=bool(m.get("streamed")),
         )
 
     def info(self, version: str) -> IndexInfo | None:

@@ -101,13 +101,16 @@ class SearchService:
         return S, I
 
     def build_index(
-        self, factory: str | None = None, gpu: bool | None = None, progress: bool = True, version: str | None = None
+        self, factory: str | None = None, gpu: bool | None = None, progress: bool = True, version: str | None = None,
+        stream: bool | None = None,
     ) -> IndexSummary:
         """(Re)build the index of `version` (default: the active one) now; factory=None chooses by size (see
-        embedstore.search.faiss_index). gpu=None uses a GPU when FAISS sees one, True requires it, False never."""
+        embedstore.search.faiss_index). gpu=None uses a GPU when FAISS sees one, True requires it, False never.
+        stream=True builds batch by batch from the table (bounded memory), None when the vectors take 4 GiB+."""
         self.index.want_gpu(gpu)  # fails at once when a GPU is required and absent
         with self.storage.write_lock():
-            st = self.index.rebuild(version or self.storage.active_version, factory, gpu, progress, reason="asked")
+            st = self.index.rebuild(version or self.storage.active_version, factory, gpu, progress, reason="asked",
+                                    stream=stream)
         return self.index.summary(st)
 
     def duplicates(self, threshold: float = 0.95, k: int = 10) -> list[DuplicatePair]:
