@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -131,6 +132,34 @@ def test_a_killed_embedding_actor_is_restarted_and_every_image_comes_once(cluste
                     break
     assert killed, "no embedding actor was found to kill"
     assert len(seen) < len(items) + 1 and sorted(seen) == [i for i, _ in items]
+
+
+def test_a_worker_killed_during_add_ends_in_a_complete_store(cluster, digits_dir, digits_store_path, tmp_path):
+    """The same through Store.add: an embedding actor SIGKILLed while add runs; the store ends complete, each image
+    once, with the local engine's vectors."""
+    psutil = pytest.importorskip("psutil")
+    killed, done = [], threading.Event()
+
+    def killer():
+        while not done.is_set():
+            for p in psutil.process_iter(["cmdline"]):
+                if any("MapWorker" in c and "Embedder" in c for c in p.info["cmdline"] or []):
+                    time.sleep(2.0)  # the actor loads the model and embeds a few batches
+                    if not done.is_set():
+                        p.send_signal(signal.SIGKILL)
+                        killed.append(p.pid)
+                    return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    s = embedstore.open(tmp_path / "k.es")
+    res = s.add([digits_dir], engine="ray", workers=2, batch_size=8, progress=False)
+    done.set()
+    t.join()
+    assert killed, "the add ended before an embedding actor could be killed"
+    assert res.added == 200 and no_duplicates(s) == 200
+    assert_same_vectors(by_hash(s), by_hash(embedstore.open(digits_store_path, create=False)))
 
 
 def test_decoding_in_separate_tasks_gives_the_same_vectors(cluster, photo_dir, photo_store_path):
