@@ -143,6 +143,7 @@ class StoreInfo(Result):
     predictions: int
     finetuned_versions: int
     unfinished_versions: list[str]
+    tables: str | None = None  # where the LanceDB tables live when not in STORE/lance (object storage)
 
 
 # ---- search -----------------------------------------------------------------------------------------

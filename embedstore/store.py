@@ -289,6 +289,7 @@ class Store:
             index=self.index.info(self.active_version), labels=st.count("labels"), classes=len(self.labeling.classes()),
             predictions=st.count("predictions"), finetuned_versions=sum(1 for e in versions.values() if e.get("parent")),
             unfinished_versions=[k for k, e in versions.items() if e.get("status") == "embedding"],
+            tables=st.tables_uri if st.remote else None,
         )
 
     def __repr__(self) -> str:

@@ -247,7 +247,7 @@ def test_a_store_with_its_tables_on_s3_works_like_a_local_one(cluster, photos_s3
     a = s2.classify()
     b = s2.classify(engine="ray")
     assert b.predicted == len(a.predictions) and b.chosen == a.chosen
-    assert s2.info().images == 80
+    assert s2.info().images == 80 and s2.info().tables == uri
 
 
 def test_bad_engine_and_location_arguments_are_one_line_errors(tmp_path, photo_dir):
