@@ -14,8 +14,9 @@ the next run embeds exactly what is missing (resume), as the single-machine engi
 that dies mid-run is retried by Ray (tasks) or restarted (actors), with Ray Data's defaults (no limit); its
 batch is embedded again, and the driver never commits an id twice.
 
-Workers must have embedstore installed (the same version) and, for s3:// sources, the AWS_* settings,
-which the engine passes on from the driver's environment.
+Workers need embedstore's dependencies (torch, timm/open_clip, Pillow, pyarrow): a cluster's ML image has them.
+On a cluster (`address` given) the engine ships the driver's embedstore package to the workers (Ray's
+py_modules), and it always passes on the driver's AWS_* settings for s3:// sources.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class RayEngine:
                 with warnings.catch_warnings():  # "lancedb fork support is experimental": Ray forks its daemons
                     warnings.filterwarnings("ignore", message="lancedb fork", category=RuntimeWarning)
                     ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False,
-                             logging_level=logging.WARNING, runtime_env={"env_vars": aws_env()} if aws_env() else None)
+                             logging_level=logging.WARNING, runtime_env=self.runtime_env() or None)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise InvalidArgumentError(
                     f"cannot reach the Ray cluster at {self.address!r} ({_error_text(e)}); start one with `ray start "
@@ -164,6 +165,16 @@ class RayEngine:
         ctx.enable_progress_bars = False  # the driver shows its own bar
         ctx.print_on_execution_start = False
         return ray
+
+    def runtime_env(self) -> dict:
+        """What the workers get: the driver's AWS_* settings, and, on a cluster (an address given), this very
+        embedstore package (Ray's py_modules), so the workers run the driver's version of the code."""
+        env: dict = {"env_vars": aws_env()} if aws_env() else {}
+        if self.address:
+            import embedstore
+
+            env["py_modules"] = [os.path.dirname(embedstore.__file__)]
+        return env
 
     def pool_size(self) -> int:
         ray = self.start()
