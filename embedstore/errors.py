@@ -54,3 +54,8 @@ class StoreFormatError(EmbedstoreError, ValueError):
 
 class StoreNotWritableError(EmbedstoreError, PermissionError):
     """The user may read the store but not write it (permissions, a read-only file system)."""
+
+
+def error_text(e: BaseException) -> str:
+    """How a file that could not be read is described in the errors table: 'Type: first line' (300 chars at most)."""
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]

@@ -147,6 +147,26 @@ def moments(rng: np.random.Generator, n: int, span: float) -> list[float]:
     return m
 
 
+class Trials:
+    """Kill rounds of one operation: the first run of each kind (`key`) goes uninterrupted and times it; each later
+    one is SIGKILLed at one of `n` seeded moments spread over that time (`results` collects those)."""
+
+    def __init__(self, zygote, rng: np.random.Generator, n: int):
+        self.zygote, self.rng, self.n = zygote, rng, n
+        self.spans: dict = {}
+        self.results: list[dict] = []
+
+    def run(self, spec: dict, key=None) -> tuple[dict, bool]:
+        """(the run's record, whether it was the uninterrupted timing run)."""
+        if key not in self.spans:
+            r = self.zygote.run(spec)
+            self.spans[key] = moments(self.rng, self.n, r["seconds"])
+            return r, True
+        r = self.zygote.run(spec, kill_after=self.spans[key].pop())
+        self.results.append(r)
+        return r, False
+
+
 # ---- images -----------------------------------------------------------------------------------
 CLASSES = ("red", "green", "blue")
 
@@ -272,8 +292,7 @@ def test_kill_during_add(zygote, weights, tmp_path):
     root = s.root
     good = {digest(p) for p in base.iterdir()}
     n = TRIALS["add"]
-    results = []
-    spans = None
+    trials = Trials(zygote, rng, n)
     for t in range(n + 1):
         d = tmp_path / f"round{t:03d}"
         d.mkdir()
@@ -284,12 +303,7 @@ def test_kill_during_add(zygote, weights, tmp_path):
         offered = {digest(p) for p in d.iterdir() if p.name != "broken.png"}
         broken = digest(d / "broken.png")  # recorded, then dropped when it fails to decode
         spec = {"op": "add", "root": str(root), "paths": [str(d)]}
-        if spans is None:  # the first round runs uninterrupted: how long a whole add takes
-            r = zygote.run(spec)
-            spans = moments(rng, n, r["seconds"])
-        else:
-            r = zygote.run(spec, kill_after=spans.pop())
-            results.append(r)
+        r, _ = trials.run(spec)  # the first round runs uninterrupted: how long a whole add takes
         state = check_store(root)
         assert good <= state["hashes"] <= good | offered | {broken}, "content lost or unknown content stored"
         new = state["hashes"] - good
@@ -306,7 +320,7 @@ def test_kill_during_add(zygote, weights, tmp_path):
         assert str(d / "broken.png") in after["errors"]
         assert s.pending_images() == []
         record_temp("add", root)
-    tally(results, "add")
+    tally(trials.results, "add")
 
 
 # ---- label ------------------------------------------------------------------------------------
@@ -317,7 +331,7 @@ def test_kill_during_label(zygote, weights, tmp_path):
     ids = sorted(s.vector_ids().tolist())
     expected: dict[int, str] = {}
     n = TRIALS["label"]
-    results, spans = [], None
+    trials = Trials(zygote, rng, n)
     for t in range(n + 1):
         steps = []
         for _ in range(8):
@@ -334,12 +348,7 @@ def test_kill_during_label(zygote, weights, tmp_path):
                     final.pop(i, None)
                 seen_values[i].add(final.get(i))
         spec = {"op": "label", "root": str(root), "steps": steps}
-        if spans is None:
-            r = zygote.run(spec)
-            spans = moments(rng, n, r["seconds"])
-        else:
-            r = zygote.run(spec, kill_after=spans.pop())
-            results.append(r)
+        r, _ = trials.run(spec)
         state = check_store(root)
         for i in ids:  # each image carries a class it had before or one a step gave it (or none, if one did)
             assert state["labels"].get(i) in seen_values[i] | {None}, (i, state["labels"].get(i), seen_values[i])
@@ -349,7 +358,7 @@ def test_kill_during_label(zygote, weights, tmp_path):
         expected = final
         after = check_store(root)
         assert after["labels"] == expected, "re-running the label commands did not give the expected labels"
-    tally(results, "label")
+    tally(trials.results, "label")
 
 
 # ---- classify ---------------------------------------------------------------------------------
@@ -363,16 +372,11 @@ def test_kill_during_classify(zygote, weights, tmp_path):
     unlabeled = set(vs.ids.tolist()) - set(s.labels())
     last_written: set = set()
     n = TRIALS["classify"]
-    results, spans = [], {}
+    trials = Trials(zygote, rng, n // 2)
     # auto (fits and compares heads: long) and knn (mostly the write: its moments land in the write)
     for t, head in enumerate(["auto", "knn"] + ["auto", "knn"] * (n // 2)):
         spec = {"op": "classify", "root": str(root), "head": head}
-        if head not in spans:
-            r = zygote.run(spec)
-            spans[head] = moments(rng, n // 2, r["seconds"])
-        else:
-            r = zygote.run(spec, kill_after=spans[head].pop())
-            results.append(r)
+        r, _ = trials.run(spec, key=head)
         state = check_store(root)
         assert state["predictions"] <= unlabeled, "a labeled image got a prediction"
         written = set(state["store"].predictions().column("time").to_pylist())
@@ -385,7 +389,7 @@ def test_kill_during_classify(zygote, weights, tmp_path):
         after = check_store(root)
         assert after["predictions"] == unlabeled and len(res.predictions) == len(unlabeled)
         assert set(s.predictions().column("label").to_pylist()) <= set(CLASSES)
-    tally(results, "classify")
+    tally(trials.results, "classify")
 
 
 # ---- index rebuild ----------------------------------------------------------------------------
@@ -409,15 +413,10 @@ def test_kill_during_index_rebuild(zygote, weights, tmp_path):
     s = make_store(tmp_path / "index.es", weights, tmp_path / "src", 40, seed=300)
     root = s.root
     n = TRIALS["index"]
-    results, spans = [], None
+    trials = Trials(zygote, rng, n)
     for t in range(n + 1):
         spec = {"op": "index", "root": str(root), "factories": FACTORIES * 4}  # many saves: kills land in them
-        if spans is None:
-            r = zygote.run(spec)
-            spans = moments(rng, n, r["seconds"])
-        else:
-            r = zygote.run(spec, kill_after=spans.pop())
-            results.append(r)
+        r, _ = trials.run(spec)
         state = check_store(root)
         r["moment"] = index_on_disk(root, state)
         check_search(state["store"])  # a half-written index is detected and rebuilt, never used
@@ -428,7 +427,7 @@ def test_kill_during_index_rebuild(zygote, weights, tmp_path):
         assert fresh.info().index.fresh and fresh.info().index.vectors == 40
         check_search(fresh)
         record_temp("index", root)
-    tally(results, "index")
+    tally(trials.results, "index")
 
 
 # ---- finetune ---------------------------------------------------------------------------------
@@ -445,19 +444,15 @@ def test_kill_during_finetune(zygote, weights, tmp_path):
         s.label([int(i) for i, p in zip(vs.ids, vs.paths) if int(Path(p).stem) % 3 == CLASSES.index(c)][:8], c)
     parent = s.active_version
     n = TRIALS["finetune"]
-    results, spans = [], None
+    trials = Trials(zygote, rng, n)
     for t in range(n + 1):
         root = tmp_path / f"ft{t}.es"
         shutil.copytree(s.root, root)
         spec = {"op": "finetune", "root": str(root), "kw": FINETUNE}
-        if spans is None:
-            r = zygote.run(spec)
-            spans = moments(rng, n, r["seconds"])
+        r, timing = trials.run(spec)
+        if timing:
             made = check_store(root)["manifest"]
             assert made["active_version"] != parent, "the uninterrupted fine-tune activated no version: " + r["log"]
-        else:
-            r = zygote.run(spec, kill_after=spans.pop())
-            results.append(r)
         state = check_store(root)
         m = state["manifest"]
         unfinished = [v for v, e in m["versions"].items() if e.get("status") == "embedding"]
@@ -473,7 +468,7 @@ def test_kill_during_finetune(zygote, weights, tmp_path):
         assert all(after["vectors"][v] == after["ids"] for v in m["versions"]), "a version is missing vectors"
         check_search(after["store"])
         record_temp("finetune", root)
-    tally(results, "finetune")
+    tally(trials.results, "finetune")
 
 
 # ---- a relabel is all or nothing --------------------------------------------------------------

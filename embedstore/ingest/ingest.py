@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from embedstore.clock import now
-from embedstore.errors import EmptyInputError, NoImagesAddedError
+from embedstore.errors import EmptyInputError, NoImagesAddedError, error_text
 from embedstore.ingest.backbones.base import Backbone
 from embedstore.ingest.pipeline import EmbedStats, embed_items, list_image_files
 from embedstore.progress import progress_bar, progress_iter
@@ -97,7 +97,7 @@ class IngestService:
             try:
                 yield (path, *hash_and_size(path), None)
             except OSError as e:
-                yield path, None, None, f"{type(e).__name__}: {e}"
+                yield path, None, None, error_text(e)
 
     def _record_images(self, files: list[str], res: AddResult, progress: bool, engine=None) -> set[int]:
         """Insert rows for new content; same bytes already present (any path) are skipped."""

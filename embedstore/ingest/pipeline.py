@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedstore.errors import InvalidArgumentError
+from embedstore.errors import InvalidArgumentError, error_text
 from embedstore.ingest.backbones.base import Backbone, PreprocessCfg
 from embedstore.ingest.images import check_pixel_limit
 from embedstore.ingest.sources import read_bytes
@@ -86,7 +86,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             return id_, torch.from_numpy(preprocess_uint8(load_image(path, self.pre), self.pre)), None
         except Exception as e:  # recorded in the errors table; the run goes on
-            return id_, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            return id_, None, error_text(e)
 
 
 def _collate(batch):
@@ -289,7 +289,7 @@ class RawDataset(torch.utils.data.Dataset):
             check_pixel_limit(Image.open(io.BytesIO(data)))
             return id_, data, None
         except Exception as e:
-            return id_, None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            return id_, None, error_text(e)
 
 
 def _collate_raw(batch):
@@ -317,7 +317,7 @@ def _decode_on_device(batch, pre: PreprocessCfg, device: str):
             parts.append(normalize_batch(u8.to(device), pre))
             ids.append(i)
         except Exception as e:
-            bad.append((i, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
+            bad.append((i, error_text(e)))
     x = torch.cat(parts).contiguous(memory_format=torch.channels_last) if parts else None
     return torch.tensor(ids, dtype=torch.int64), x, bad
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from embedstore.errors import InvalidArgumentError
+from embedstore.errors import InvalidArgumentError, error_text
 from embedstore.ingest.sources import aws_env
 
 if TYPE_CHECKING:
@@ -38,10 +38,6 @@ if TYPE_CHECKING:
 RAY_COMMIT_EVERY = 4096  # images per vector commit on the Ray engine (a LanceDB commit costs ~10-50 ms)
 HASH_BATCH = 64
 DEFAULT_BATCH = 32  # images per embedding call on CPU workers; GPUs use `batch_size` or 256
-
-
-def _error_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
 
 # ---- the work done on the workers (module-level: Ray pickles them by reference) -------------------
@@ -54,7 +50,7 @@ def hash_batch(batch: dict) -> dict:
             h, n = hash_and_size(str(path))
             hashes.append(h), sizes.append(n), errors.append("")
         except OSError as e:
-            hashes.append(""), sizes.append(-1), errors.append(_error_text(e))
+            hashes.append(""), sizes.append(-1), errors.append(error_text(e))
     return {"path": batch["path"], "hash": np.array(hashes, object), "size": np.array(sizes, np.int64),
             "error": np.array(errors, object)}
 
@@ -75,7 +71,7 @@ def decode_batch(batch: dict, pre: dict) -> dict:
             pixels[j] = preprocess_uint8(load_image(str(path), cfg), cfg)
             errors.append("")
         except Exception as e:  # recorded in the store's errors table; the run goes on
-            errors.append(_error_text(e))
+            errors.append(error_text(e))
     return {"id": ids, "pixels": pixels, "error": np.array(errors, object)}
 
 
@@ -159,7 +155,7 @@ class RayEngine:
                              logging_level=logging.WARNING, runtime_env=self.runtime_env() or None)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise InvalidArgumentError(
-                    f"cannot reach the Ray cluster at {self.address!r} ({_error_text(e)}); start one with `ray start "
+                    f"cannot reach the Ray cluster at {self.address!r} ({error_text(e)}); start one with `ray start "
                     "--head`, or leave --address out to run a local Ray on this machine") from None
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the driver shows its own bar

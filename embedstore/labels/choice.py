@@ -8,7 +8,7 @@ NO_LABELS_HINT = "label a few images per class first: embedstore label STORE --c
 
 def describe_choice(h, requested: str, n_labels: int) -> str:
     """One line on which head predicts and why (auto: its cross-validated choice)."""
-    chosen = _head_label(h, requested)
+    chosen = head_label(h, requested)
     if requested != "auto":
         return f"head {chosen}, as asked"
     scores = getattr(h, "cv_scores", None) or {}
@@ -24,7 +24,7 @@ def describe_choice(h, requested: str, n_labels: int) -> str:
             + (f" ({note})" if note else ""))
 
 
-def _head_label(h, requested: str) -> str:
+def head_label(h, requested: str) -> str:
     """The name of what actually predicts: the head's own `chosen` (auto) or its name."""
     chosen = getattr(h, "chosen", None) or getattr(h, "chosen_name", None)
     if chosen:

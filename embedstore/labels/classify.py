@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from embedstore.clock import now
 from embedstore.errors import EmptyInputError, InvalidArgumentError, NotSupportedError
-from embedstore.labels.choice import MAX_UNLABELED, NO_LABELS_HINT, _head_label, describe_choice
+from embedstore.labels.choice import MAX_UNLABELED, NO_LABELS_HINT, head_label, describe_choice
 from embedstore.ingest.backbones.base import Backbone
 from embedstore.labels import evaluate as evaluation
 from embedstore.labels import export as exporting
@@ -92,17 +92,24 @@ class ClassifyService:
         """
         h = self.make_head(head, version, **kw)  # a bad head name fails before any reading
         vs, lab, y, unl = self.labeled_split(version)
+        self.fit_on(h, vs.ids[lab], vs.vectors[lab], y, unl, lambda pos: vs.vectors[pos], vs.version, max_unlabeled)
+        return h, vs, lab, unl
+
+    def fit_on(self, h, lab_ids: np.ndarray, X: np.ndarray, y: list[str], unlabeled: np.ndarray, read: Callable,
+               version: str | None, max_unlabeled: int = MAX_UNLABELED):
+        """The one fit of every engine: at least two classes; auto never judged on images the backbone trained on;
+        a seeded sample of at most `max_unlabeled` of `unlabeled` (ids or positions, in id order; `read` gives
+        their vectors) for the transductive heads."""
         classes = sorted(set(y))
         if len(classes) < 2:
             raise EmptyInputError(f"only one class ({classes[0]}) is labeled; label a few images of at least one more class")
-        if hasattr(h, "score_mask"):  # auto: never judge candidates on images the backbone trained on
-            seen = self.trained_ids(vs.version)
-            h.score_mask = ~np.isin(vs.ids[lab], seen) if len(seen) else None
-        pool = unl
+        if hasattr(h, "score_mask"):
+            seen = self.trained_ids(version)
+            h.score_mask = ~np.isin(lab_ids, seen) if len(seen) else None
+        pool = unlabeled
         if len(pool) > max_unlabeled:
-            pool = np.sort(np.random.default_rng(0).choice(unl, max_unlabeled, replace=False))
-        h.fit(vs.vectors[lab], y, unlabeled=vs.vectors[pool] if len(pool) else None)
-        return h, vs, lab, unl
+            pool = np.sort(np.random.default_rng(0).choice(pool, max_unlabeled, replace=False))
+        return h.fit(X, y, unlabeled=read(pool) if len(pool) else None)
 
     # ---- classify --------------------------------------------------------------------------
     def classify(
@@ -134,7 +141,7 @@ class ClassifyService:
         if persist:
             self.storage.require_writable()  # fail before the work, not after it
         h, vs, lab, unl = self.fit_head(head, **head_kw)
-        chosen = _head_label(h, head)
+        chosen = head_label(h, head)
         target = unl if ids is None else self._positions(vs, ids)
         X = vs.vectors[target]
         labels_out, conf, P = h.decide(X, threshold)

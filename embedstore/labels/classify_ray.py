@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from embedstore.clock import now
 from embedstore.errors import EmptyInputError, InvalidArgumentError
-from embedstore.labels.choice import MAX_UNLABELED, NO_LABELS_HINT, _head_label, describe_choice
+from embedstore.labels.choice import NO_LABELS_HINT, head_label, describe_choice
 from embedstore.results import ClassifyResult, ClassSummary, Prediction
 from embedstore.storage import TS, vectors_table_name
 
@@ -86,7 +86,7 @@ def classify_ray(svc, engine, head: str = "auto", threshold: float | None = None
                              storage_options=st.storage_options or None)
     ds = ds.map_batches(predict_batch, batch_format="numpy", batch_size=8192,
                         fn_args=(ray.put(_portable(h)), ray.put(lab_ids), threshold))
-    chosen = _head_label(h, head)
+    chosen = head_label(h, head)
     counts: dict[str, list] = {c: [0, 0.0] for c in h.classes}
     unknown, total, low, buf = 0, 0, [], []
     with st.write_lock():
@@ -121,28 +121,23 @@ def classify_ray(svc, engine, head: str = "auto", threshold: float | None = None
 
 
 def _fit(svc, head: str, **kw):
-    """Fit like the local engine, reading only the labeled vectors and a sample of the unlabeled ones."""
+    """Fit as the local engine does (ClassifyService.fit_on), reading only the labeled vectors and the sample of
+    unlabeled ones it asks for."""
     st = svc.storage
     h = svc.make_head(head, None, **kw)
     labels = svc.labels.labels(source=None)
     if not labels:
         raise EmptyInputError(f"no labeled images yet; {NO_LABELS_HINT}")
-    lab_ids, X = st.read_vectors(None, sorted(labels))
-    order = np.argsort(lab_ids)
-    lab_ids, X = lab_ids[order], X[order]
+    lab_ids, X = _in_id_order(*st.read_vectors(None, sorted(labels)))
     y = [labels[int(i)] for i in lab_ids]
-    if len(set(y)) < 2:
-        raise EmptyInputError(f"only {len(set(y))} class labeled (with vectors); label a few images of at least one more class")
-    all_ids = st.vector_ids()
-    unl = np.setdiff1d(all_ids, lab_ids, assume_unique=True)
-    if len(unl) > MAX_UNLABELED:
-        unl = np.sort(np.random.default_rng(0).choice(unl, MAX_UNLABELED, replace=False))
-    _, U = st.read_vectors(None, unl)
-    if hasattr(h, "score_mask"):
-        seen = svc.trained_ids()
-        h.score_mask = ~np.isin(lab_ids, seen) if len(seen) else None
-    h.fit(X, y, unlabeled=U if len(U) else None)
+    unl = np.setdiff1d(st.vector_ids(), lab_ids, assume_unique=True)
+    svc.fit_on(h, lab_ids, X, y, unl, lambda ids: _in_id_order(*st.read_vectors(None, ids))[1], None)
     return h, lab_ids, y
+
+
+def _in_id_order(ids: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(ids, kind="stable")
+    return ids[order], X[order]
 
 
 def _append(st, buf: list, head: str, version: str, t) -> None:
