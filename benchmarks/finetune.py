@@ -35,19 +35,17 @@ HEADS = ("centroid", "knn", "linear", "propagate", "auto")
 
 
 def unlabeled_accuracy(store, version: str, labels: dict, truth: dict) -> dict:
-    """{head: accuracy on every unlabeled image}, heads fit on the labels."""
+    """{head: accuracy on every unlabeled image}, each head fit as `classify` fits it on that version (auto
+    never cross-validated on images the backbone trained on)."""
     from embedstore.labels.heads import HEADS as KNOWN
-    from embedstore.labels.heads import make_head
 
-    ids, _, X = store.vectors(version)
-    lab = np.array([int(i) in labels for i in ids])
-    y = [labels[int(i)] for i in ids[lab]]
-    yt = np.array([truth[int(i)] for i in ids[~lab]], dtype=object)
     out = {}
     for name in HEADS:
         if name in KNOWN:
-            h = make_head(name).fit(X[lab], y, unlabeled=X[~lab])
-            out[name] = round(float(np.mean(np.asarray(h.predict(X[~lab]), dtype=object) == yt)), 4)
+            h, vs, _, unl = store.classifying.fit_head(name, version=version)
+            pred = np.asarray(h.predict(vs.vectors[unl]), dtype=object)
+            yt = np.array([truth[int(i)] for i in vs.ids[unl]], dtype=object)
+            out[name] = round(float(np.mean(pred == yt)), 4)
     return out
 
 

@@ -41,6 +41,14 @@ def finetune(
                   f"{d['old']['head']} {d['old']['accuracy']:.3f} -> {d['new']['head']} {d['new']['accuracy']:.3f}; "
                   f"new - old {d['estimate']:+.3f}, 80% interval {d['low']:+.3f} .. {d['high']:+.3f} "
                   f"(paired bootstrap); activates when the lower end > margin {d['margin']:+.3f}", highlight=False)
+        if d.get("auto"):
+            a = d["auto"]
+            out.print(f"  auto (what classify uses) on the same labels: {a['old']:.3f} -> {a['new']:.3f} "
+                      f"({a['estimate']:+.3f}); must not be worse", highlight=False)
+    if t := (res.train or {}).get("pseudo"):
+        if t.get("kept"):
+            out.print(f"  self-training: {t['kept']} unlabeled images pseudo-labeled by {t.get('head')} at confidence "
+                      f">= {t['threshold']} (of {t['candidates']} candidates) trained with the labels", highlight=False)
     if f:
         out.print(f"  search on {f['n']} unlabeled images: near-duplicate recall@{f['k']} {f['recall_old']:.3f} -> "
                   f"{f['recall_new']:.3f}, top-10 neighbours kept {f['neighbour_overlap']:.0%} "

@@ -298,3 +298,49 @@ def test_auto_never_judges_heads_on_images_a_fine_tune_trained_on(digits_store):
         st.write_manifest()
     h, *_ = digits_store.fit_head("auto")
     assert h.score_mask is None and "never trained" not in digits_store.classify(persist=False).reason
+
+
+def test_pseudo_labels_are_confident_unlabeled_images_within_each_class_quota(digits_store):
+    """Self-training's pseudo-labels: only images without any label (never the decision fold's), at most
+    per_label x the class's training labels, more accurate than the head on all unlabeled images, and a higher
+    threshold keeps a subset; threshold 0 is off."""
+    from embedstore.loop.pseudo import pseudo_labels
+
+    by_cls = _label_digits(digits_store, 6)
+    truth = {i: c for c, ids in by_cls.items() for i in ids}
+    labels = digits_store.labels()
+    train = {i: c for c, ids in by_cls.items() for i in ids[:4]}  # ids[4:6] stand for the decision fold
+    st, cl, v = digits_store.storage, digits_store.classifying, digits_store.active_version
+    items, summary = pseudo_labels(cl, st, v, train, 0.5, 2.0)
+    assert items and summary["kept"] == len(items) and summary["candidates"] == len(truth) - len(labels)
+    assert not {i for i, _, _ in items} & set(labels)
+    per_class = {}
+    for _, _, c in items:
+        per_class[c] = per_class.get(c, 0) + 1
+    assert max(per_class.values()) <= 8 and per_class == summary["per_class"]
+    acc = np.mean([truth[i] == c for i, _, c in items])
+    everything = digits_store.classify(head="auto", persist=False)
+    acc_all = np.mean([truth[p.id] == p.label for p in everything.predictions])
+    assert acc > acc_all, (acc, acc_all)
+    stricter, _ = pseudo_labels(cl, st, v, train, 0.8, 2.0)
+    assert set(stricter) < set(items)  # the same greedy order: the confident end of the lenient list
+    off, why = pseudo_labels(cl, st, v, train, 0.0, 2.0)
+    assert off == [] and why["reason"] == "off"
+
+
+def test_best_head_gain_with_auto_worse_is_not_activated():
+    """The backbone's best head improves on the decision labels, but auto (what classify uses) loses there:
+    the user would get a worse classifier, so the version is kept and the reason says auto."""
+    from embedstore.loop.decide import decide, paired_comparison
+
+    rng = np.random.default_rng(1)
+    old = {"linear": rng.random(60) < 0.6, "auto": rng.random(60) < 0.8}
+    new = {"linear": old["linear"] | (rng.random(60) < 0.6), "auto": old["auto"].copy()}
+    new["auto"][np.flatnonzero(old["auto"])[:3]] = False  # three images auto got right, now wrong
+    cmp = paired_comparison(old, new)
+    assert cmp["low"] > 0 and cmp["auto"]["estimate"] == -0.05 and not cmp["better"]
+    ok, why = decide(cmp, None, 0.1, 60, 20)
+    assert not ok and "auto, what classify uses, gets worse" in why and "-0.050" in why
+    new["auto"] = old["auto"].copy()  # auto unchanged: the best-head gain decides
+    ok, why = decide(paired_comparison(old, new), None, 0.1, 60, 20)
+    assert ok and "auto 0." in why

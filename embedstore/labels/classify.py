@@ -170,10 +170,10 @@ class ClassifyService:
         return len(self.storage.image_ids() - set(vs.ids.tolist()))
 
     def trained_ids(self, version: str | None = None) -> np.ndarray:
-        """Ids of the labeled images a fine-tuned version trained (or selected epochs) on: their vectors
+        """Ids of the images a fine-tuned version trained (labels, pseudo-labels) or selected epochs on: their vectors
         look easier than unseen images', so no head is chosen or calibrated on them."""
         ft = self.storage.version_info(version).get("finetune") or {}
-        return np.asarray([*ft.get("trained_ids", []), *ft.get("selection_ids", [])], np.int64)
+        return np.asarray([*ft.get("trained_ids", []), *ft.get("selection_ids", []), *ft.get("pseudo_ids", [])], np.int64)
 
     @staticmethod
     def _positions(vs: VectorSet, ids: Sequence[int]) -> np.ndarray:

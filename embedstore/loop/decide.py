@@ -11,7 +11,9 @@ quantity is best-head accuracy, new minus old, on the same images (paired). Its 
 bootstrap over the decision images (the choice of the best head is redone in every resample, so the
 optimism of picking the best of four heads is inside the interval). Activation needs the lower end of the
 80% interval (the 10th percentile) to exceed the margin (default 0): a fine-tune that only helps the
-labels it trained on, or helps too few decision images to be told from noise, is not activated.
+labels it trained on, or helps too few decision images to be told from noise, is not activated. And what
+`classify` gives by default, head auto (fit as classify fits it: never scored on images a backbone trained
+on), must not be worse on those images: a backbone whose best head improves while auto loses is kept.
 With fewer than `min_decide` (default 20) decision labels there is no decision: nothing is trained.
 """
 
@@ -24,7 +26,8 @@ import numpy as np
 
 from embedstore.labels.heads import HEADS, make_head
 
-DECISION_HEADS = ("centroid", "knn", "linear", "propagate")  # heads that need no text tower
+DECISION_HEADS = ("centroid", "knn", "linear", "propagate")  # heads that need no text tower: the best-head quantity
+DEFAULT_HEAD = "auto"  # what classify uses unless told otherwise: must not get worse
 BOOTSTRAP = 2000
 LEVEL = 0.8  # two-sided interval reported; its lower end is the one-sided 90% bound the rule uses
 
@@ -38,21 +41,30 @@ def labels_needed(n_classes: int, frac: float, min_decide: int) -> int:
     return n
 
 
-def head_correctness(X_fit: np.ndarray, y_fit: Sequence[str], X_eval: np.ndarray, y_eval: Sequence[str]) -> dict:
-    """{head: bool array, one per evaluated image}: each decision head fit on (X_fit, y_fit)."""
+def head_correctness(X_fit: np.ndarray, y_fit: Sequence[str], X_eval: np.ndarray, y_eval: Sequence[str],
+                     score_mask: np.ndarray | None = None) -> dict:
+    """{head: bool array, one per evaluated image}: each decision head and auto fit on (X_fit, y_fit);
+    score_mask: which fit labels auto may score its candidates on (False: the backbone trained on it)."""
     out = {}
     truth = np.asarray(list(y_eval), dtype=object)
-    for name in DECISION_HEADS:
+    for name in (*DECISION_HEADS, DEFAULT_HEAD):
         if name in HEADS:
-            h = make_head(name).fit(X_fit, list(y_fit), unlabeled=X_eval)
+            h = make_head(name)
+            if name == DEFAULT_HEAD:
+                h.score_mask = score_mask
+            h = h.fit(X_fit, list(y_fit), unlabeled=X_eval)
             out[name] = np.asarray(h.predict(X_eval), dtype=object) == truth
     return out
 
 
 def paired_comparison(old: dict, new: dict, margin: float = 0.0, seed: int = 0, n_boot: int = BOOTSTRAP) -> dict:
     """Best-head accuracy of `new` minus `old` on the same images ({head: correctness array} each), with a
-    paired bootstrap interval; better = the interval's lower end exceeds `margin`."""
-    heads = [h for h in old if h in new]
+    paired bootstrap interval; better = the interval's lower end exceeds `margin` and (when both have it)
+    the default head auto is not worse."""
+    default = None
+    if DEFAULT_HEAD in old and DEFAULT_HEAD in new:
+        default = (np.asarray(old[DEFAULT_HEAD], np.float64), np.asarray(new[DEFAULT_HEAD], np.float64))
+    heads = [h for h in old if h in new and h != DEFAULT_HEAD]
     O = np.stack([np.asarray(old[h], np.float64) for h in heads])
     N = np.stack([np.asarray(new[h], np.float64) for h in heads])
     n = O.shape[1]
@@ -62,6 +74,13 @@ def paired_comparison(old: dict, new: dict, margin: float = 0.0, seed: int = 0, 
     idx = rng.integers(0, n, size=(n_boot, n))
     d = N[:, idx].mean(-1).max(0) - O[:, idx].mean(-1).max(0)  # (n_boot,)
     lo, hi = np.quantile(d, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    auto = None
+    if default is not None:
+        dd = default[1][idx].mean(-1) - default[0][idx].mean(-1)
+        a_lo, a_hi = np.quantile(dd, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+        auto = {"old": round(float(default[0].mean()), 4), "new": round(float(default[1].mean()), 4),
+                "estimate": round(float(default[1].mean() - default[0].mean()), 4),
+                "low": round(float(a_lo), 4), "high": round(float(a_hi), 4)}
     return {
         "estimate": round(est, 4), "low": round(float(lo), 4), "high": round(float(hi), 4),
         "se": round(float(d.std()), 4), "level": LEVEL, "margin": margin, "n": n,
@@ -69,7 +88,8 @@ def paired_comparison(old: dict, new: dict, margin: float = 0.0, seed: int = 0, 
                 "heads": {h: round(float(a), 4) for h, a in zip(heads, acc_o)}},
         "new": {"accuracy": round(float(acc_n.max()), 4), "head": heads[int(acc_n.argmax())],
                 "heads": {h: round(float(a), 4) for h, a in zip(heads, acc_n)}},
-        "better": bool(lo > margin),
+        DEFAULT_HEAD: auto,
+        "better": bool(lo > margin and (auto is None or auto["estimate"] >= 0)),
     }
 
 
@@ -81,10 +101,15 @@ def decide(comparison: dict | None, forgetting: dict | None, max_forgetting: flo
                        "(label more images per class)")
     c = comparison
     span = f"new - old = {c['estimate']:+.3f} (80% interval {c['low']:+.3f} .. {c['high']:+.3f}, n={c['n']})"
-    if not c["better"]:
+    a = c.get(DEFAULT_HEAD)
+    if c["low"] <= c["margin"]:
         return False, f"not better on labels it never saw: {span}; its lower end must exceed the margin {c['margin']:+.3f}"
+    if a and a["estimate"] < 0:
+        return False, (f"the best head improves ({span}) but {DEFAULT_HEAD}, what classify uses, gets worse on labels it "
+                       f"never saw: {a['old']:.3f} -> {a['new']:.3f} ({a['estimate']:+.3f})")
     if forgetting and forgetting.get("drop") is not None and forgetting["drop"] > max_forgetting:
         return False, (f"better on the labels ({span}) but search on the other images degrades: near-duplicate "
                        f"recall@{forgetting['k']} {forgetting['recall_old']:.3f} -> {forgetting['recall_new']:.3f} "
                        f"(drop {forgetting['drop']:.3f} > {max_forgetting})")
-    return True, f"better on labels it never saw: {span} > margin {c['margin']:+.3f}"
+    tail = f"; {DEFAULT_HEAD} {a['old']:.3f} -> {a['new']:.3f}" if a else ""
+    return True, f"better on labels it never saw: {span} > margin {c['margin']:+.3f}{tail}"

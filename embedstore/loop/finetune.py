@@ -100,6 +100,9 @@ class FinetuneConfig:
     min_decide: int = 20  # fewer decision labels than this: too few to decide, nothing trained
     decide_margin: float = 0.0  # activate when the lower end of the 80% interval of new - old exceeds this
     max_forgetting: float = 0.10  # refuse activation when near-duplicate recall@k on other images drops more
+    # self-training (loop/pseudo.py): unlabeled images the frozen heads label confidently join the training fold
+    pseudo_threshold: float = 0.0  # calibrated confidence needed for a pseudo-label (0: off)
+    pseudo_per_label: float = 2.0  # at most this many pseudo-labels per training label of the class
 
     def check(self) -> "FinetuneConfig":
         if self.method not in METHODS:
@@ -114,6 +117,10 @@ class FinetuneConfig:
             raise InvalidArgumentError(f"augment={self.augment!r}: use one of {', '.join(AUGMENT)}")
         if self.wise_alpha is not None and not 0.0 < self.wise_alpha <= 1.0:
             raise InvalidArgumentError(f"wise_alpha={self.wise_alpha}: must be in (0, 1], or None to choose it")
+        if not 0.0 <= self.pseudo_threshold < 1.0:
+            raise InvalidArgumentError(f"pseudo_threshold={self.pseudo_threshold}: a confidence in [0, 1) (0: off), e.g. 0.9")
+        if self.pseudo_per_label < 0:
+            raise InvalidArgumentError(f"pseudo_per_label={self.pseudo_per_label}: must be >= 0, e.g. 2")
         if self.blocks < 1:
             raise InvalidArgumentError(f"blocks={self.blocks}: adapt at least the last block")
         return self
@@ -131,7 +138,8 @@ class TrainResult:
     probe_losses: list[float] = field(default_factory=list)  # LP-FT's classifier-only epochs
     wise_alpha: float = 1.0  # WiSE-FT interpolation kept
     wise_losses: dict = field(default_factory=dict)  # {alpha: selection-fold loss} when alpha was chosen
-    train_ids: list[int] = field(default_factory=list)
+    train_ids: list[int] = field(default_factory=list)  # human labels trained on
+    pseudo_ids: list[int] = field(default_factory=list)  # pseudo-labeled images trained on
     holdout_ids: list[int] = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -157,8 +165,10 @@ class _Labels:
         return torch.tensor([self.by_id[i][1] for i in ids])
 
 
-def _split_labels(items: Sequence[tuple[int, str, str]], cfg: FinetuneConfig) -> _Labels:
-    """Check there is enough to train on and split (id, path, class) items into train / held-out folds."""
+def _split_labels(items: Sequence[tuple[int, str, str]], cfg: FinetuneConfig,
+                  pseudo: Sequence[tuple[int, str, str]] = ()) -> _Labels:
+    """Check there is enough to train on and split (id, path, class) items into train / held-out folds;
+    pseudo-labeled items only ever train (never select)."""
     ids = [int(i) for i, _, _ in items]
     y_names = [c for _, _, c in items]
     classes = sorted(set(y_names))
@@ -171,14 +181,17 @@ def _split_labels(items: Sequence[tuple[int, str, str]], cfg: FinetuneConfig) ->
         )
     cidx = {c: k for k, c in enumerate(classes)}
     by_id = {int(i): (p, cidx[c]) for i, p, c in items}
-    return _Labels(classes, by_id, train_ids, hold_ids)
+    extra = [(int(i), p, c) for i, p, c in pseudo if c in cidx and int(i) not in by_id]
+    by_id.update({i: (p, cidx[c]) for i, p, c in extra})
+    return _Labels(classes, by_id, sorted(train_ids + [i for i, _, _ in extra]), hold_ids)
 
 
 def _class_centroids(labels: _Labels, init_vectors: dict[int, np.ndarray], dim: int) -> np.ndarray:
     """The classifier's starting weights: unit class centroids of the frozen vectors of the training fold."""
     cent = np.zeros((len(labels.classes), dim), np.float32)
     for i in labels.train_ids:
-        cent[labels.by_id[i][1]] += init_vectors[i]
+        if i in init_vectors:  # human labels only: pseudo-labels do not move the start
+            cent[labels.by_id[i][1]] += init_vectors[i]
     cent /= np.linalg.norm(cent, axis=1, keepdims=True) + 1e-12
     return cent
 
@@ -401,15 +414,19 @@ def train_backbone(
     cfg: FinetuneConfig,
     device: str = "cpu",
     progress: bool = True,
+    pseudo: Sequence[tuple[int, str, str]] = (),
 ) -> TrainResult:
     """Fine-tune a copy of `bb.image_model` on (id, path, class) items; `bb` itself is left untouched.
 
     init_vectors: {id: frozen vector} (the store's own) for the classifier's starting centroids.
+    pseudo: (id, path, class) of unlabeled images with pseudo-labels (loop/pseudo.py): training fold only.
     """
     cfg.check()
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    labels = _split_labels(items, cfg)
+    labels = _split_labels(items, cfg, pseudo)
+    human = {int(i) for i, _, _ in items}
+    pseudo_set = {i for i in labels.train_ids if i not in human}
     cent = _class_centroids(labels, init_vectors, bb.dim)
     dev = DeviceRun(device)
     tr = _build_trainee(bb, cfg, cent, dev)
@@ -434,7 +451,8 @@ def train_backbone(
         probe_losses=st.probe_losses,
         wise_alpha=st.alpha,
         wise_losses={str(k): v for k, v in st.alpha_losses.items()},
-        train_ids=labels.train_ids,
+        train_ids=[i for i in labels.train_ids if i not in pseudo_set],
+        pseudo_ids=[i for i in labels.train_ids if i in pseudo_set],
         holdout_ids=labels.hold_ids,
         seconds=time.perf_counter() - t0,
         images_per_second=st.seen / st.t_train if st.t_train else 0.0,

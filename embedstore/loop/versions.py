@@ -51,6 +51,7 @@ from embedstore.loop.finetune import (
     train_backbone,
 )
 from embedstore.loop.forgetting import forgetting_warning, near_duplicate_recall
+from embedstore.loop.pseudo import pseudo_labels
 from embedstore.loop.plateau import PLATEAU_MARGIN, PLATEAU_WINDOW, plateau_rule
 from embedstore.results import (
     AddResult,
@@ -170,14 +171,17 @@ class LoopService:
         items = [(int(i), p, labels[int(i)]) for i, p in zip(vs.ids, vs.paths)]
         init = {int(i): x for i, x in zip(vs.ids, vs.vectors)}
         info = st.version_info(parent)
+        pseudo, pseudo_summary = pseudo_labels(self.classify, st, parent, labels, cfg.pseudo_threshold,
+                                               cfg.pseudo_per_label, cfg.seed)
         bb = load_backbone(info["name"], st.weights_file(parent), device=self.device())  # a copy to train
-        res = train_backbone(bb, items, init, cfg, device=self.device(), progress=progress)
+        res = train_backbone(bb, items, init, cfg, device=self.device(), progress=progress, pseudo=pseudo)
         record = {
             "method": cfg.method, "best_epoch": res.best_epoch, "epochs_run": len(res.history) - 1, "history": res.history,
             "seconds": round(res.seconds, 2), "images_per_second": round(res.images_per_second, 2),
             "trainable_params": res.trainable_params, "device": res.device, "n_train": len(res.train_ids),
             "n_holdout": len(res.holdout_ids), "n_decision": len(decision), "config": res.config,
             "probe_losses": res.probe_losses, "wise_alpha": res.wise_alpha, "wise_losses": res.wise_losses,
+            "n_pseudo": len(res.pseudo_ids), "pseudo": pseudo_summary,
         }
         if res.best_epoch == 0:
             return None, record
@@ -191,6 +195,7 @@ class LoopService:
             **record, "parent": parent,
             "train": {str(i): labels[i] for i in res.train_ids}, "holdout": {str(i): labels[i] for i in res.holdout_ids},
             "decision": {str(i): c for i, c in decision.items()},
+            "pseudo_labels": {str(i): c for i, _, c in pseudo if i in set(res.pseudo_ids)},
         }
         st.model_record_path(version).write_text(json.dumps(sidecar, indent=1))
         with st.write_lock():
@@ -199,8 +204,9 @@ class LoopService:
                 "parent": parent, "status": "embedding",
                 "finetune": {
                     **{k: record[k] for k in ("method", "best_epoch", "epochs_run", "seconds", "n_train", "n_holdout",
-                                              "n_decision", "wise_alpha")},
+                                              "n_decision", "wise_alpha", "n_pseudo")},
                     "trained_ids": sorted(res.train_ids), "selection_ids": sorted(res.holdout_ids),
+                    "pseudo_ids": sorted(res.pseudo_ids),
                     "decision_ids": sorted(decision),
                 },
             }
@@ -271,8 +277,10 @@ class LoopService:
             dec = [i for i in map(int, decision) if i in pos]
             if not fit or len(dec) < len(decision):
                 raise EmptyInputError(f"version {v} lacks vectors for the fine-tune's labeled images; run finetune again")
+            trained = self.classify.trained_ids(v)  # auto never scores on what that version's backbone trained on
             correct[v] = head_correctness(vs.vectors[[pos[i] for i in fit]], [seen[str(i)] for i in fit],
-                                          vs.vectors[[pos[i] for i in dec]], [decision[str(i)] for i in dec])
+                                          vs.vectors[[pos[i] for i in dec]], [decision[str(i)] for i in dec],
+                                          score_mask=~np.isin(fit, trained) if len(trained) else None)
         return paired_comparison(correct[parent], correct[version], cfg.decide_margin, cfg.seed)
 
     def _forgetting(self, parent: str, version: str, seed: int) -> dict | None:
@@ -352,8 +360,9 @@ class LoopService:
 
 
 _COMPARED = ("best-head accuracy (centroid, knn, linear, propagate; heads fit on the labels the new backbone "
-             "trained or selected on) of the new vs the parent version on decision labels neither saw in training; "
-             "paired bootstrap over those images")
+             "trained or selected on) of the new vs the parent version on decision labels neither saw in training, "
+             "paired bootstrap over those images; and auto (classify's default, fit as classify fits it) must not "
+             "be worse there")
 
 
 def _verdict(version: str, activated: bool, why: str) -> str:
