@@ -20,13 +20,17 @@ def finetune(
     window: Optional[int] = typer.Option(None, "--window", min=1, help="Plateau: over how many label additions the gain is measured (default 2)."),
     image_size: Optional[int] = typer.Option(None, "--size", min=32, help="Training resolution; default: the backbone's input size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate; default per method."),
+    pseudo: Optional[float] = typer.Option(None, "--pseudo", min=0.0, max=0.999, help="Self-training: unlabeled images auto labels with at least this confidence train too (0: off; default 0.9)."),
+    pseudo_rounds: Optional[int] = typer.Option(None, "--pseudo-rounds", min=1, help="Self-training rounds: re-label with the trained backbone, train again (default 1)."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Horizontal flips in training; default: decided from the labels (off when mirrored labeled images stop looking like their class)."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Run the few-shot eval on the new version when it is activated."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     json_: bool = JSON_OPT,
 ):
     """Fine-tune the backbone on the labels; re-embed, re-index, activate the new version only if it is better."""
     s = open_store(store, device=device)
-    opts = {k: v for k, v in (("image_size", image_size), ("lr", lr)) if v is not None}  # FinetuneConfig options
+    opts = {k: v for k, v in (("image_size", image_size), ("lr", lr), ("pseudo_threshold", pseudo),
+                              ("pseudo_rounds", pseudo_rounds), ("flip", flip)) if v is not None}  # FinetuneConfig options
     res = s.finetune(method=method, epochs=epochs, if_plateau=if_plateau, progress=not json_, margin=margin,
                      window=window, evaluate=evaluate, **opts)
     if json_:
@@ -45,6 +49,8 @@ def finetune(
             a = d["auto"]
             out.print(f"  auto (what classify uses) on the same labels: {a['old']:.3f} -> {a['new']:.3f} "
                       f"({a['estimate']:+.3f}); must not be worse", highlight=False)
+    if fl := (res.train or {}).get("flip"):
+        out.print(f"  augmentation: {fl.get('reason')}", highlight=False)
     if t := (res.train or {}).get("pseudo"):
         if t.get("kept"):
             out.print(f"  self-training: {t['kept']} unlabeled images pseudo-labeled by {t.get('head')} at confidence "

@@ -124,7 +124,8 @@ def test_decision_uses_unseen_labels_and_explains_itself(run):
     assert {"estimate", "low", "high", "se", "margin", "n", "old", "new", "compared", "reason", "activate"} <= set(d)
     assert d["n"] == 20 and d["low"] <= d["estimate"] <= d["high"] and "decision labels neither saw" in d["compared"]
     assert f["n"] > 0 and 0 <= f["recall_new"] <= 1 and f["drop"] == pytest.approx(f["recall_old"] - f["recall_new"], abs=1e-3)
-    assert r.activated == (d["low"] > d["margin"] and f["drop"] <= d["max_forgetting"])
+    auto_ok = d["auto"] is None or d["auto"]["estimate"] >= 0  # what classify uses must not get worse
+    assert r.activated == (d["low"] > d["margin"] and auto_ok and f["drop"] <= d["max_forgetting"])
     assert (s.active_version == run["new"]) == r.activated and r.status == ("activated" if r.activated else "kept")
     assert d["reason"] in r.message
     # the decision labels were never trained or selected on; the manifest and the record say which were
@@ -133,6 +134,12 @@ def test_decision_uses_unseen_labels_and_explains_itself(run):
     assert len(e["decision_ids"]) == 20 and not set(e["decision_ids"]) & (set(e["trained_ids"]) | set(e["selection_ids"]))
     assert set(map(int, side["train"])) == set(e["trained_ids"]) and set(map(int, side["decision"])) == set(e["decision_ids"])
     assert set(e["trained_ids"]) | set(e["selection_ids"]) | set(e["decision_ids"]) == set(run["labels"])
+    # self-training (on by default): pseudo-labels only on images nobody labeled, recorded with their class
+    p = r.train["pseudo"]
+    assert e["n_pseudo"] == len(e["pseudo_ids"]) == p["kept"] > 0 and not set(e["pseudo_ids"]) & set(run["labels"])
+    assert set(map(int, side["pseudo_labels"])) == set(e["pseudo_ids"]) and p["threshold"] == 0.9
+    assert np.mean([run["truth"][int(i)] == c for i, c in side["pseudo_labels"].items()]) > 0.8
+    assert r.train["flip"]["flip"] is False and "mirror images" in r.train["flip"]["reason"]  # digits: no flips
 
 
 @slow

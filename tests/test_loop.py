@@ -344,3 +344,47 @@ def test_best_head_gain_with_auto_worse_is_not_activated():
     new["auto"] = old["auto"].copy()  # auto unchanged: the best-head gain decides
     ok, why = decide(paired_comparison(old, new), None, 0.1, 60, 20)
     assert ok and "auto 0." in why
+
+
+def test_a_further_self_training_round_relabels_the_same_candidates_with_the_trained_model(digits_store):
+    """pseudo_rounds > 1: the candidates are embedded by the model the last round trained (here the untouched
+    one, so its vectors equal the store's) and auto is never scored on labels that model trained on."""
+    import copy
+
+    from embedstore.loop.pseudo import candidates, relabel
+
+    by_cls = _label_digits(digits_store, 6)
+    truth = {i: c for c, ids in by_cls.items() for i in ids}
+    train = {i: c for c, ids in by_cls.items() for i in ids[:4]}
+    st, cl, v = digits_store.storage, digits_store.classifying, digits_store.active_version
+    bb = digits_store.backbone_for(v)
+    model = copy.deepcopy(bb.image_model)
+    items, summary = relabel(cl, st, v, bb, model, train, 0.5, 2.0)
+    cand = set(candidates(cl, st, v).tolist())
+    assert items and {i for i, _, _ in items} <= cand and summary["candidates"] == len(cand)
+    assert max(summary["per_class"].values()) <= 8 and summary["kept"] == len(items)
+    assert np.mean([truth[i] == c for i, _, c in items]) > 0.8
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_flips_are_left_out_for_digits_and_kept_for_photos(digits_store, photo_store):
+    """flip=None decides from the labels: a mirrored digit is less recognisable than the digit (flips would
+    teach the backbone that a mirrored 2 is a 2), a mirrored photo view is as recognisable as the view."""
+    from embedstore.loop.flip_check import check_flip
+
+    def items(store, per_class):
+        vs = store.vectors()
+        seen, out = {}, []
+        for i, p in zip(vs.ids, vs.paths):
+            c = p.split("/")[-2]
+            if seen.get(c, 0) < per_class:
+                seen[c] = seen.get(c, 0) + 1
+                out.append((int(i), p, c))
+        return out, {int(i): x for i, x in zip(vs.ids, vs.vectors)}
+
+    d = check_flip(digits_store.backbone_for(digits_store.active_version), *items(digits_store, 12))
+    assert d["flip"] is False and d["n"] == 120 and d["accuracy"] - d["mirrored"] > 0.02 and "left out" in d["reason"]
+    p = check_flip(photo_store.backbone_for(photo_store.active_version), *items(photo_store, 5))
+    assert p["flip"] is True and p["n"] == 40 and p["accuracy"] - p["mirrored"] <= 0.02 and "kept" in p["reason"]
+    one, vec = items(photo_store, 1)  # one label per class: nothing to leave out, the usual default
+    assert check_flip(photo_store.backbone_for(photo_store.active_version), one, vec)["flip"] is True

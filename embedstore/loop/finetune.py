@@ -6,10 +6,14 @@ Methods (all start from the active backbone's weights):
     last-blocks  the last blocks unfrozen, L2-SP toward the pretrained weights (Li et al., 2018)
     full         every weight unfrozen, L2-SP, smaller learning rate
 
+Self-training (loop/pseudo.py, on by default): unlabeled images that auto labels with confidence >= 0.9
+join the training fold with that label (at most 2 per training label of the class); measured on digits at
+16 labels per class it roughly doubled the fine-tune's gain (benchmarks/RESULTS.md).
 During training a cosine classifier sits on top of the pooled features, initialised from the class
 centroids of the frozen vectors (so step 0 is already the centroid head); it is discarded afterwards:
 the store keeps only the backbone. BatchNorm statistics stay frozen (eval mode): few images make poor
-batch statistics. Augmentation: RandomResizedCrop + horizontal flip (augment="strong": + TrivialAugmentWide).
+batch statistics. Augmentation: RandomResizedCrop + horizontal flip (augment="strong": + TrivialAugmentWide);
+flips only when mirrored labeled images stay as recognisable as the originals (flip=None: loop/flip_check.py).
 With a selection fold (holdout > 0), early stopping watches its loss; the best epoch's weights are kept,
 and epoch 0 (the untouched backbone) competes too, so a run that only hurts says so instead of producing
 a worse model; without one (holdout=0) a fixed schedule of `epochs` runs. Optional LP-FT (probe_epochs)
@@ -29,15 +33,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedstore.errors import EmptyInputError, InvalidArgumentError
+from embedstore.errors import InvalidArgumentError
 from embedstore.ingest.backbones.base import Backbone
+from embedstore.loop.flip_check import check_flip
 from embedstore.loop.train_data import (
     CachedBatches,
     DeviceRun,
+    Labels,
     StreamedBatches,
+    class_centroids,
     image_loader,
     image_transforms,
     split_holdout,
+    split_labels,
 )
 from embedstore.loop.train_recipe import choose_alpha, probe, snapshot
 from embedstore.loop.train_surgery import (
@@ -89,7 +97,7 @@ class FinetuneConfig:
     augment: str = "light"  # light: RandomResizedCrop + flip; strong: + TrivialAugmentWide
     image_size: int | None = None  # training resolution; default: the backbone's input size
     crop_scale: tuple[float, float] = (0.5, 1.0)
-    flip: bool = True
+    flip: bool | None = None  # horizontal flips in training; None: decided from the labels (loop/flip_check.py)
     logit_scale: float = 16.0
     label_smoothing: float = 0.1
     cached_views: int = 4  # augmented views per image pushed once through the frozen prefix (0: no cache)
@@ -101,8 +109,9 @@ class FinetuneConfig:
     decide_margin: float = 0.0  # activate when the lower end of the 80% interval of new - old exceeds this
     max_forgetting: float = 0.10  # refuse activation when near-duplicate recall@k on other images drops more
     # self-training (loop/pseudo.py): unlabeled images the frozen heads label confidently join the training fold
-    pseudo_threshold: float = 0.0  # calibrated confidence needed for a pseudo-label (0: off)
+    pseudo_threshold: float = 0.9  # calibrated confidence needed for a pseudo-label (0: off)
     pseudo_per_label: float = 2.0  # at most this many pseudo-labels per training label of the class
+    pseudo_rounds: int = 1  # further rounds re-label with the trained backbone and train again from the original
 
     def check(self) -> "FinetuneConfig":
         if self.method not in METHODS:
@@ -119,6 +128,8 @@ class FinetuneConfig:
             raise InvalidArgumentError(f"wise_alpha={self.wise_alpha}: must be in (0, 1], or None to choose it")
         if not 0.0 <= self.pseudo_threshold < 1.0:
             raise InvalidArgumentError(f"pseudo_threshold={self.pseudo_threshold}: a confidence in [0, 1) (0: off), e.g. 0.9")
+        if self.pseudo_rounds < 1:
+            raise InvalidArgumentError(f"pseudo_rounds={self.pseudo_rounds}: at least 1")
         if self.pseudo_per_label < 0:
             raise InvalidArgumentError(f"pseudo_per_label={self.pseudo_per_label}: must be >= 0, e.g. 2")
         if self.blocks < 1:
@@ -140,6 +151,7 @@ class TrainResult:
     wise_losses: dict = field(default_factory=dict)  # {alpha: selection-fold loss} when alpha was chosen
     train_ids: list[int] = field(default_factory=list)  # human labels trained on
     pseudo_ids: list[int] = field(default_factory=list)  # pseudo-labeled images trained on
+    flip: dict = field(default_factory=dict)  # whether flips were used, and why
     holdout_ids: list[int] = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -149,53 +161,6 @@ class TrainResult:
 
 
 # ---- preparing --------------------------------------------------------------------------------
-@dataclass
-class _Labels:
-    """The labelled items, split into a training fold and a held-out fold."""
-
-    classes: list[str]
-    by_id: dict[int, tuple[str, int]]  # id -> (path, class index)
-    train_ids: list[int]
-    hold_ids: list[int]
-
-    def items(self, ids: Sequence[int]) -> list[tuple[str, int]]:
-        return [self.by_id[i] for i in ids]
-
-    def targets(self, ids: Sequence[int]) -> torch.Tensor:
-        return torch.tensor([self.by_id[i][1] for i in ids])
-
-
-def _split_labels(items: Sequence[tuple[int, str, str]], cfg: FinetuneConfig,
-                  pseudo: Sequence[tuple[int, str, str]] = ()) -> _Labels:
-    """Check there is enough to train on and split (id, path, class) items into train / held-out folds;
-    pseudo-labeled items only ever train (never select)."""
-    ids = [int(i) for i, _, _ in items]
-    y_names = [c for _, _, c in items]
-    classes = sorted(set(y_names))
-    if len(classes) < 2:
-        raise EmptyInputError("fine-tuning needs labels of at least 2 classes; label more images first")
-    train_ids, hold_ids = split_holdout(ids, y_names, cfg.holdout, cfg.seed)
-    if (cfg.holdout > 0 and not hold_ids) or len(train_ids) < len(classes):
-        raise EmptyInputError(
-            f"too few labels to fine-tune ({len(ids)} over {len(classes)} classes); label at least 3 images per class"
-        )
-    cidx = {c: k for k, c in enumerate(classes)}
-    by_id = {int(i): (p, cidx[c]) for i, p, c in items}
-    extra = [(int(i), p, c) for i, p, c in pseudo if c in cidx and int(i) not in by_id]
-    by_id.update({i: (p, cidx[c]) for i, p, c in extra})
-    return _Labels(classes, by_id, sorted(train_ids + [i for i, _, _ in extra]), hold_ids)
-
-
-def _class_centroids(labels: _Labels, init_vectors: dict[int, np.ndarray], dim: int) -> np.ndarray:
-    """The classifier's starting weights: unit class centroids of the frozen vectors of the training fold."""
-    cent = np.zeros((len(labels.classes), dim), np.float32)
-    for i in labels.train_ids:
-        if i in init_vectors:  # human labels only: pseudo-labels do not move the start
-            cent[labels.by_id[i][1]] += init_vectors[i]
-    cent /= np.linalg.norm(cent, axis=1, keepdims=True) + 1e-12
-    return cent
-
-
 @dataclass
 class _Trainee:
     """The copy being adapted and its temporary classifier."""
@@ -281,7 +246,7 @@ def _make_optimizer(tr: _Trainee, cfg: FinetuneConfig, steps: int, amp_dtype) ->
 
 
 def _batch_source(
-    bb: Backbone, cfg: FinetuneConfig, labels: _Labels, tr: _Trainee, dev: DeviceRun, train_tf, train_loader, hold_loader
+    bb: Backbone, cfg: FinetuneConfig, labels: Labels, tr: _Trainee, dev: DeviceRun, train_tf, train_loader, hold_loader
 ):
     """Cached frozen-prefix outputs (later epochs run only the tail) when the model splits and the cache
     fits in cfg.cache_limit_mb; otherwise whole images every epoch."""
@@ -424,14 +389,15 @@ def train_backbone(
     cfg.check()
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    labels = _split_labels(items, cfg, pseudo)
+    labels = split_labels(items, cfg, pseudo)
     human = {int(i) for i, _, _ in items}
     pseudo_set = {i for i in labels.train_ids if i not in human}
-    cent = _class_centroids(labels, init_vectors, bb.dim)
+    cent = class_centroids(labels, init_vectors, bb.dim)
     dev = DeviceRun(device)
     tr = _build_trainee(bb, cfg, cent, dev)
     size = cfg.image_size or bb.preprocess.input_size[-1]
-    train_tf, eval_tf = image_transforms(bb.preprocess, size, cfg.crop_scale, cfg.flip, cfg.augment == "strong")
+    flip = {"flip": cfg.flip, "reason": "set by the caller"} if cfg.flip is not None else check_flip(bb, items, init_vectors, cfg.seed)
+    train_tf, eval_tf = image_transforms(bb.preprocess, size, cfg.crop_scale, flip["flip"], cfg.augment == "strong")
     bs = cfg.batch_size
     train_loader = image_loader(labels.items(labels.train_ids), train_tf, bb.preprocess, bs, True, device, cfg.seed)
     hold_loader = image_loader(labels.items(labels.hold_ids), eval_tf, bb.preprocess, bs, False, device, cfg.seed)
@@ -453,6 +419,7 @@ def train_backbone(
         wise_losses={str(k): v for k, v in st.alpha_losses.items()},
         train_ids=[i for i in labels.train_ids if i not in pseudo_set],
         pseudo_ids=[i for i in labels.train_ids if i in pseudo_set],
+        flip=flip,
         holdout_ids=labels.hold_ids,
         seconds=time.perf_counter() - t0,
         images_per_second=st.seen / st.t_train if st.t_train else 0.0,

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from embedstore.errors import EmptyInputError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -31,6 +34,54 @@ def split_holdout(ids: Sequence[int], y: Sequence[str], frac: float, seed: int =
         hold += members[:k]
         train += members[k:]
     return sorted(train), sorted(hold)
+
+
+# ---- labels --------------------------------------------------------------------------------
+@dataclass
+class Labels:
+    """The labelled items, split into a training fold and a held-out fold."""
+
+    classes: list[str]
+    by_id: dict[int, tuple[str, int]]  # id -> (path, class index)
+    train_ids: list[int]
+    hold_ids: list[int]
+
+    def items(self, ids: Sequence[int]) -> list[tuple[str, int]]:
+        return [self.by_id[i] for i in ids]
+
+    def targets(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([self.by_id[i][1] for i in ids])
+
+
+def split_labels(items: Sequence[tuple[int, str, str]], cfg,
+                  pseudo: Sequence[tuple[int, str, str]] = ()) -> Labels:
+    """Check there is enough to train on and split (id, path, class) items into train / held-out folds;
+    pseudo-labeled items only ever train (never select)."""
+    ids = [int(i) for i, _, _ in items]
+    y_names = [c for _, _, c in items]
+    classes = sorted(set(y_names))
+    if len(classes) < 2:
+        raise EmptyInputError("fine-tuning needs labels of at least 2 classes; label more images first")
+    train_ids, hold_ids = split_holdout(ids, y_names, cfg.holdout, cfg.seed)
+    if (cfg.holdout > 0 and not hold_ids) or len(train_ids) < len(classes):
+        raise EmptyInputError(
+            f"too few labels to fine-tune ({len(ids)} over {len(classes)} classes); label at least 3 images per class"
+        )
+    cidx = {c: k for k, c in enumerate(classes)}
+    by_id = {int(i): (p, cidx[c]) for i, p, c in items}
+    extra = [(int(i), p, c) for i, p, c in pseudo if c in cidx and int(i) not in by_id]
+    by_id.update({i: (p, cidx[c]) for i, p, c in extra})
+    return Labels(classes, by_id, sorted(train_ids + [i for i, _, _ in extra]), hold_ids)
+
+
+def class_centroids(labels: Labels, init_vectors: dict[int, np.ndarray], dim: int) -> np.ndarray:
+    """The classifier's starting weights: unit class centroids of the frozen vectors of the training fold."""
+    cent = np.zeros((len(labels.classes), dim), np.float32)
+    for i in labels.train_ids:
+        if i in init_vectors:  # human labels only: pseudo-labels do not move the start
+            cent[labels.by_id[i][1]] += init_vectors[i]
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True) + 1e-12
+    return cent
 
 
 # ---- images --------------------------------------------------------------------------------

@@ -115,7 +115,10 @@ def export_state_dict(bb: Backbone, model: nn.Module) -> dict[str, torch.Tensor]
         import timm
 
         from embedstore.ingest.backbones.checkpoint import read_state_dict
-        from embedstore.ingest.backbones.offline import packaged_weights_path, positional_state_dict
+        from embedstore.ingest.backbones.offline import (
+            packaged_weights_path,
+            positional_state_dict,
+        )
 
         ref = timm.create_model("efficientnet_lite0", pretrained=False)
         packaged = positional_state_dict(ref, read_state_dict(packaged_weights_path()))

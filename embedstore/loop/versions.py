@@ -51,8 +51,8 @@ from embedstore.loop.finetune import (
     train_backbone,
 )
 from embedstore.loop.forgetting import forgetting_warning, near_duplicate_recall
-from embedstore.loop.pseudo import pseudo_labels
 from embedstore.loop.plateau import PLATEAU_MARGIN, PLATEAU_WINDOW, plateau_rule
+from embedstore.loop.pseudo import pseudo_labels, relabel
 from embedstore.results import (
     AddResult,
     FinetuneResult,
@@ -175,13 +175,21 @@ class LoopService:
                                                cfg.pseudo_per_label, cfg.seed)
         bb = load_backbone(info["name"], st.weights_file(parent), device=self.device())  # a copy to train
         res = train_backbone(bb, items, init, cfg, device=self.device(), progress=progress, pseudo=pseudo)
+        rounds = [pseudo_summary]
+        for _ in range(2, cfg.pseudo_rounds + 1 if pseudo else 0):  # Noisy-Student rounds: re-label, train again
+            pseudo, pseudo_summary = relabel(self.classify, st, parent, bb, res.model, labels, cfg.pseudo_threshold,
+                                             cfg.pseudo_per_label, cfg.seed)
+            rounds.append(pseudo_summary)
+            res = train_backbone(bb, items, init, cfg, device=self.device(), progress=progress, pseudo=pseudo)
+        if len(rounds) > 1:
+            pseudo_summary = {**pseudo_summary, "rounds": [r["kept"] for r in rounds]}
         record = {
             "method": cfg.method, "best_epoch": res.best_epoch, "epochs_run": len(res.history) - 1, "history": res.history,
             "seconds": round(res.seconds, 2), "images_per_second": round(res.images_per_second, 2),
             "trainable_params": res.trainable_params, "device": res.device, "n_train": len(res.train_ids),
             "n_holdout": len(res.holdout_ids), "n_decision": len(decision), "config": res.config,
             "probe_losses": res.probe_losses, "wise_alpha": res.wise_alpha, "wise_losses": res.wise_losses,
-            "n_pseudo": len(res.pseudo_ids), "pseudo": pseudo_summary,
+            "n_pseudo": len(res.pseudo_ids), "pseudo": pseudo_summary, "flip": res.flip,
         }
         if res.best_epoch == 0:
             return None, record
