@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 import pytest
+from embedstore.cli.app import app
 from typer.testing import CliRunner
 
-from embedstore.cli.app import app
 from embedstore.errors import EmptyInputError, InvalidArgumentError
 from embedstore.loop.plateau import PLATEAU_MARGIN, PLATEAU_WINDOW, plateau_rule
 from embedstore.results import EvalRun, PlateauResult, VersionRow
@@ -304,14 +303,19 @@ def test_pseudo_labels_are_confident_unlabeled_images_within_each_class_quota(di
     """Self-training's pseudo-labels: only images without any label (never the decision fold's), at most
     per_label x the class's training labels, more accurate than the head on all unlabeled images, and a higher
     threshold keeps a subset; threshold 0 is off."""
-    from embedstore.loop.pseudo import pseudo_labels
+    from embedstore.loop.pseudo import make_pool, pseudo_labels
 
     by_cls = _label_digits(digits_store, 6)
     truth = {i: c for c, ids in by_cls.items() for i in ids}
     labels = digits_store.labels()
     train = {i: c for c, ids in by_cls.items() for i in ids[:4]}  # ids[4:6] stand for the decision fold
     st, cl, v = digits_store.storage, digits_store.classifying, digits_store.active_version
-    items, summary = pseudo_labels(cl, st, v, train, 0.5, 2.0)
+    lab = st.vectors(v, ids=sorted(train))
+
+    def run(threshold):
+        return pseudo_labels(cl, make_pool(cl, st, v, lab, train, threshold, 2.0))
+
+    items, summary = run(0.5)
     assert items and summary["kept"] == len(items) and summary["candidates"] == len(truth) - len(labels)
     assert not {i for i, _, _ in items} & set(labels)
     per_class = {}
@@ -322,9 +326,9 @@ def test_pseudo_labels_are_confident_unlabeled_images_within_each_class_quota(di
     everything = digits_store.classify(head="auto", persist=False)
     acc_all = np.mean([truth[p.id] == p.label for p in everything.predictions])
     assert acc > acc_all, (acc, acc_all)
-    stricter, _ = pseudo_labels(cl, st, v, train, 0.8, 2.0)
+    stricter, _ = run(0.8)
     assert set(stricter) < set(items)  # the same greedy order: the confident end of the lenient list
-    off, why = pseudo_labels(cl, st, v, train, 0.0, 2.0)
+    off, why = run(0.0)
     assert off == [] and why["reason"] == "off"
 
 
@@ -351,7 +355,7 @@ def test_a_further_self_training_round_relabels_the_same_candidates_with_the_tra
     one, so its vectors equal the store's) and auto is never scored on labels that model trained on."""
     import copy
 
-    from embedstore.loop.pseudo import candidates, relabel
+    from embedstore.loop.pseudo import make_pool, relabel
 
     by_cls = _label_digits(digits_store, 6)
     truth = {i: c for c, ids in by_cls.items() for i in ids}
@@ -359,9 +363,11 @@ def test_a_further_self_training_round_relabels_the_same_candidates_with_the_tra
     st, cl, v = digits_store.storage, digits_store.classifying, digits_store.active_version
     bb = digits_store.backbone_for(v)
     model = copy.deepcopy(bb.image_model)
-    items, summary = relabel(cl, st, v, bb, model, train, 0.5, 2.0)
-    cand = set(candidates(cl, st, v).tolist())
-    assert items and {i for i, _, _ in items} <= cand and summary["candidates"] == len(cand)
+    pool = make_pool(cl, st, v, st.vectors(v, ids=sorted(train)), train, 0.5, 2.0)
+    items, summary = relabel(pool, bb, model)
+    cand = set(pool.cand.ids.tolist())
+    assert len(cand) == len(truth) - len(digits_store.labels()) == summary["candidates"]  # every unlabeled image
+    assert items and {i for i, _, _ in items} <= cand
     assert max(summary["per_class"].values()) <= 8 and summary["kept"] == len(items)
     assert np.mean([truth[i] == c for i, _, c in items]) > 0.8
     assert next(model.parameters()).device.type == "cpu"

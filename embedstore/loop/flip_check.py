@@ -20,21 +20,16 @@ MAX_CHECKED = 400  # labeled images embedded mirrored (a seeded sample)
 
 
 def _loo_centroid_accuracy(X_ref: np.ndarray, y: np.ndarray, X_query: np.ndarray) -> float:
-    """Accuracy of each query row against class centroids of X_ref without that row's own reference."""
-    classes = np.unique(y)
-    onehot = (y[:, None] == classes[None, :]).astype(np.float64)
+    """Accuracy of each query row against the unit class centroids of X_ref, its own row left out of its
+    class's centroid (a class reduced to nothing can not win)."""
+    classes, own = np.unique(y, return_inverse=True)
+    onehot = np.eye(len(classes))[own]
     sums, counts = onehot.T @ X_ref, onehot.sum(0)
-    own = onehot.argmax(1)
-    ok = 0
-    for i in range(len(y)):
-        s, c = sums.copy(), counts.copy()
-        s[own[i]] -= X_ref[i]
-        c[own[i]] -= 1
-        valid = c > 0
-        C = s[valid] / c[valid, None]
-        C /= np.linalg.norm(C, axis=1, keepdims=True) + 1e-12
-        ok += classes[valid][int(np.argmax(C @ X_query[i]))] == y[i]
-    return ok / max(1, len(y))
+    S = X_query @ (sums / (np.linalg.norm(sums, axis=1, keepdims=True) + 1e-12)).T
+    left = sums[own] - X_ref  # each row's own class without it
+    rows = np.arange(len(y))
+    S[rows, own] = np.where(counts[own] > 1, (X_query * left).sum(1) / (np.linalg.norm(left, axis=1) + 1e-12), -np.inf)
+    return float(np.mean(S.argmax(1) == own))
 
 
 def check_flip(bb, items: Sequence[tuple[int, str, str]], vectors: dict[int, np.ndarray], seed: int = 0) -> dict:

@@ -25,6 +25,7 @@ Labels are never touched. `use VERSION` switches back and forth (embedding image
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable
@@ -52,7 +53,7 @@ from embedstore.loop.finetune import (
 )
 from embedstore.loop.forgetting import forgetting_warning, near_duplicate_recall
 from embedstore.loop.plateau import PLATEAU_MARGIN, PLATEAU_WINDOW, plateau_rule
-from embedstore.loop.pseudo import pseudo_labels, relabel
+from embedstore.loop.pseudo import make_pool, pseudo_labels, relabel
 from embedstore.results import (
     AddResult,
     FinetuneResult,
@@ -171,25 +172,25 @@ class LoopService:
         items = [(int(i), p, labels[int(i)]) for i, p in zip(vs.ids, vs.paths)]
         init = {int(i): x for i, x in zip(vs.ids, vs.vectors)}
         info = st.version_info(parent)
-        pseudo, pseudo_summary = pseudo_labels(self.classify, st, parent, labels, cfg.pseudo_threshold,
-                                               cfg.pseudo_per_label, cfg.seed)
+        pool = make_pool(self.classify, st, parent, vs, labels, cfg.pseudo_threshold, cfg.pseudo_per_label, cfg.seed)
+        pseudo, pseudo_summary = pseudo_labels(self.classify, pool)
         bb = load_backbone(info["name"], st.weights_file(parent), device=self.device())  # a copy to train
         res = train_backbone(bb, items, init, cfg, device=self.device(), progress=progress, pseudo=pseudo)
-        rounds = [pseudo_summary]
+        flip, kept = res.flip, [pseudo_summary["kept"]]
         for _ in range(2, cfg.pseudo_rounds + 1 if pseudo else 0):  # Noisy-Student rounds: re-label, train again
-            pseudo, pseudo_summary = relabel(self.classify, st, parent, bb, res.model, labels, cfg.pseudo_threshold,
-                                             cfg.pseudo_per_label, cfg.seed)
-            rounds.append(pseudo_summary)
-            res = train_backbone(bb, items, init, cfg, device=self.device(), progress=progress, pseudo=pseudo)
-        if len(rounds) > 1:
-            pseudo_summary = {**pseudo_summary, "rounds": [r["kept"] for r in rounds]}
+            pseudo, pseudo_summary = relabel(pool, bb, res.model)
+            kept.append(pseudo_summary["kept"])
+            res = train_backbone(bb, items, init, dataclasses.replace(cfg, flip=flip["flip"]), device=self.device(),
+                                 progress=progress, pseudo=pseudo)  # the flip check is not redone
+        if len(kept) > 1:
+            pseudo_summary = {**pseudo_summary, "rounds": kept}
         record = {
             "method": cfg.method, "best_epoch": res.best_epoch, "epochs_run": len(res.history) - 1, "history": res.history,
             "seconds": round(res.seconds, 2), "images_per_second": round(res.images_per_second, 2),
             "trainable_params": res.trainable_params, "device": res.device, "n_train": len(res.train_ids),
             "n_holdout": len(res.holdout_ids), "n_decision": len(decision), "config": res.config,
             "probe_losses": res.probe_losses, "wise_alpha": res.wise_alpha, "wise_losses": res.wise_losses,
-            "n_pseudo": len(res.pseudo_ids), "pseudo": pseudo_summary, "flip": res.flip,
+            "n_pseudo": len(res.pseudo_ids), "pseudo": pseudo_summary, "flip": flip,
         }
         if res.best_epoch == 0:
             return None, record
@@ -199,11 +200,12 @@ class LoopService:
         new = load_backbone(info["name"], weights=str(tmp), device="cpu")  # loadable; gives the fingerprint
         version = new.version
         os.replace(tmp, st.model_path(version))
+        trained_pseudo = set(res.pseudo_ids)
         sidecar = {
             **record, "parent": parent,
             "train": {str(i): labels[i] for i in res.train_ids}, "holdout": {str(i): labels[i] for i in res.holdout_ids},
             "decision": {str(i): c for i, c in decision.items()},
-            "pseudo_labels": {str(i): c for i, _, c in pseudo if i in set(res.pseudo_ids)},
+            "pseudo_labels": {str(i): c for i, _, c in pseudo if i in trained_pseudo},
         }
         st.model_record_path(version).write_text(json.dumps(sidecar, indent=1))
         with st.write_lock():
