@@ -108,3 +108,50 @@ def test_evaluate_reports_unlabeled_estimate(photo_store, photo_dir):
     est = run.unlabeled_estimate
     assert est is not None and 0 <= est["low"] <= est["accuracy"] <= est["high"] <= 1
     assert run.to_dict()["unlabeled_estimate"] == est
+
+
+def test_auto_keeps_its_default_when_the_evidence_is_thin(digits):
+    """Shrinkage toward the default ensemble: with 2 labels per class a cross-validated winner must beat it by
+    more than a standard error of the paired difference; the reason is stated (and survives save/load)."""
+    from embedstore.labels.choice import describe_choice
+
+    X, y = digits
+    lab = stratified(y, 2, 0)
+    unl = np.setdiff1d(np.arange(len(y)), lab)
+    plain = make_head("auto", margin=0.0).fit(X[lab], list(y[lab]), unlabeled=X[unl])
+    top = max(v["accuracy"] for v in plain.cv_scores.values())
+    assert plain.cv_scores[plain.chosen.replace(" + ", "+")]["accuracy"] == top  # margin 0: the CV winner
+    strict = make_head("auto", margin=1e9).fit(X[lab], list(y[lab]), unlabeled=X[unl])
+    assert strict.chosen == "propagate+cl2n + linear"
+    if plain.chosen != strict.chosen:
+        assert strict.default_kept and "within" in strict.note and "default" in describe_choice(strict, "auto", len(lab))
+    h = make_head("auto").fit(X[lab], list(y[lab]), unlabeled=X[unl])
+    if h.default_kept:
+        assert "too thin" in describe_choice(h, "auto", len(lab))
+    else:
+        assert h.chosen != "propagate+cl2n + linear" and "best cross-validated" in describe_choice(h, "auto", len(lab))
+
+
+def test_auto_leaves_a_poor_default_when_the_evidence_is_clear(tmp_path):
+    """Two classes whose means coincide (A near +-e1, B near +-e2): a nearest-centroid default is at chance and
+    the cross-validated winner replaces it; kept state survives save/load."""
+    from embedstore.labels.heads import load_head
+
+    rng = np.random.default_rng(0)
+    D, n = 16, 120
+    E = np.eye(D, dtype=np.float32)
+    sign = rng.choice([-1.0, 1.0], size=(2 * n, 1)).astype(np.float32)
+    base = np.vstack([E[[0] * n], E[[1] * n]]) * sign
+    X = base + 0.15 * rng.standard_normal((2 * n, D)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    y = np.array(["A"] * n + ["B"] * n, dtype=object)
+    lab = np.concatenate([rng.choice(n, 20, replace=False), n + rng.choice(n, 20, replace=False)])
+    unl = np.setdiff1d(np.arange(2 * n), lab)
+    h = make_head("auto", fallback=("centroid",)).fit(X[lab], list(y[lab]), unlabeled=X[unl])
+    assert h.chosen != "centroid" and not h.default_kept
+    assert (np.array(h.predict(X[unl]), dtype=object) == y[unl]).mean() > 0.9
+    kept = make_head("auto", fallback=("centroid",), margin=1e9).fit(X[lab], list(y[lab]), unlabeled=X[unl])
+    assert kept.chosen == "centroid" and kept.default_kept
+    kept.save(tmp_path / "h.npz")
+    back = load_head(tmp_path / "h.npz")
+    assert back.default_kept and back.note == kept.note and back.margin == 1e9

@@ -213,3 +213,28 @@ def test_zeroshot_and_fused_shapes(tiny_clip, photo_dir, tmp_path, name):
     assert np.allclose(load_head(tmp_path / "h.npz").predict_proba(X), head.predict_proba(X), atol=1e-5)
     with pytest.raises(NotSupportedError, match="text tower"):
         make_head(name).fit(X, y)
+
+
+@pytest.mark.parametrize("path", ["sklearn", "torch"])
+def test_linear_balanced_matches_sklearn_class_weight(digits, path):
+    """Unequal label counts (as suggest leaves them): each class weighs the same, on both solver paths."""
+    import torch
+
+    from embedstore.labels.heads.linear import _fit_sklearn, _fit_torch
+
+    X, y = digits
+    rng = np.random.default_rng(0)
+    sup = np.concatenate([rng.choice(np.flatnonzero(y == c), 2 + 2 * i, replace=False) for i, c in enumerate(np.unique(y)[:4])])
+    classes, yi = np.unique(y[sup], return_inverse=True)
+    ref = LogisticRegression(C=1.0, max_iter=5000, tol=1e-8, class_weight="balanced").fit(X[sup], yi)
+    unweighted = LogisticRegression(C=1.0, max_iter=5000, tol=1e-8).fit(X[sup], yi)
+    if path == "sklearn":
+        W, b = _fit_sklearn(X[sup], yi, len(classes), 1.0, None, None, 1000, balanced=True)
+    else:
+        W, b = _fit_torch(X[sup], yi, len(classes), 1.0, None, None, 500, torch.device("cpu"), balanced=True)
+    Z = X @ W.T + b
+    assert np.allclose(Z - Z.mean(1, keepdims=True), ref.decision_function(X) - ref.decision_function(X).mean(1, keepdims=True), atol=0.05)
+    # the weighting moved the boundary: smaller classes are predicted more often than without it
+    assert (ref.predict(X) == 0).sum() > (unweighted.predict(X) == 0).sum()
+    head = make_head("linear", C=1.0, Cs=()).fit(X[sup], list(y[sup]))
+    assert head.balanced and (np.array(head.predict(X)) == classes[ref.predict(X)]).mean() >= 0.98

@@ -19,6 +19,8 @@ def describe_choice(h, requested: str, n_labels: int) -> str:
     best = scores.get(chosen.replace(" + ", "+")) or {}
     acc = best.get("accuracy")
     note = getattr(h, "note", "")
+    if getattr(h, "default_kept", False):
+        return f"auto used its default {chosen} ({len(scores)} candidates cross-validated on {n_labels} labels): {note}"
     return (f"auto chose {chosen}: best cross-validated accuracy"
             + (f" {acc:.3f}" if acc is not None else "") + f" of {len(scores)} candidates on {n_labels} labels"
             + (f" ({note})" if note else ""))

@@ -23,8 +23,9 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def fit_logreg(X, y, n_classes, C, W0=None, b0=None, max_iter=100, device="auto"):
-    """(W (C, D), b (C,)) minimising mean CE + ||W||^2 / (2 C N).
+def fit_logreg(X, y, n_classes, C, W0=None, b0=None, max_iter=100, device="auto", balanced=False):
+    """(W (C, D), b (C,)) minimising mean CE + ||W||^2 / (2 C N); balanced: each class's examples weigh
+    N / (classes x its count) (scikit-learn's class_weight="balanced"), so every class counts the same.
 
     With fewer examples than dimensions (the few-shot case) the optimum lies in the row space of X
     (representer theorem), so the problem is solved in that basis (rank <= N) and mapped back: exact,
@@ -34,11 +35,16 @@ def fit_logreg(X, y, n_classes, C, W0=None, b0=None, max_iter=100, device="auto"
         with few_threads():
             Q, R = np.linalg.qr(X.T)  # X = R^T Q^T, Q (D, N) orthonormal: an exact basis of the row space
         Wz0 = None if W0 is None else np.asarray(W0, np.float32) @ Q
-        Wz, b = fit_logreg(np.ascontiguousarray(R.T), y, n_classes, C, Wz0, b0, max_iter, device)
+        Wz, b = fit_logreg(np.ascontiguousarray(R.T), y, n_classes, C, Wz0, b0, max_iter, device, balanced)
         return (Wz @ Q.T).astype(np.float32), b
     dev = _device(device)
     if dev.type == "cpu":
-        return _fit_sklearn(X, y, n_classes, C, W0, b0, max_iter)
+        return _fit_sklearn(X, y, n_classes, C, W0, b0, max_iter, balanced)
+    return _fit_torch(X, y, n_classes, C, W0, b0, max_iter, dev, balanced)
+
+
+def _fit_torch(X, y, n_classes, C, W0, b0, max_iter, dev: torch.device, balanced=False):
+    """The objective with torch L-BFGS, full batch on `dev` (the GPU path; also runs on the CPU)."""
     Xt = torch.as_tensor(X, dtype=torch.float32, device=dev)
     yt = torch.as_tensor(y, dtype=torch.long, device=dev)
     D = Xt.shape[1]
@@ -47,11 +53,15 @@ def fit_logreg(X, y, n_classes, C, W0=None, b0=None, max_iter=100, device="auto"
     W.requires_grad_(True)
     b.requires_grad_(True)
     lam = 1.0 / (C * len(Xt))
+    cw = None
+    if balanced:
+        cnt = torch.bincount(yt, minlength=n_classes).float()
+        cw = torch.where(cnt > 0, len(yt) / (int((cnt > 0).sum()) * cnt.clamp(min=1)), torch.zeros_like(cnt))
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(Xt @ W.T + b, yt) + 0.5 * lam * (W * W).sum()
+        loss = torch.nn.functional.cross_entropy(Xt @ W.T + b, yt, weight=cw) + 0.5 * lam * (W * W).sum()
         loss.backward()
         return loss
 
@@ -60,7 +70,7 @@ def fit_logreg(X, y, n_classes, C, W0=None, b0=None, max_iter=100, device="auto"
     return W.detach().cpu().numpy(), b.detach().cpu().numpy()
 
 
-def _fit_sklearn(X, y, n_classes, C, W0, b0, max_iter):
+def _fit_sklearn(X, y, n_classes, C, W0, b0, max_iter, balanced=False):
     """The same objective with scikit-learn's lbfgs (sum CE * C + ||W||^2 / 2), warm-started from (W0, b0)."""
     import warnings
 
@@ -68,7 +78,8 @@ def _fit_sklearn(X, y, n_classes, C, W0, b0, max_iter):
     from sklearn.linear_model import LogisticRegression
 
     present = np.unique(y)
-    m = LogisticRegression(C=C, max_iter=max(max_iter, 100) * 5, warm_start=W0 is not None, tol=1e-4)
+    m = LogisticRegression(C=C, max_iter=max(max_iter, 100) * 5, warm_start=W0 is not None, tol=1e-4,
+                           class_weight="balanced" if balanced else None)
     if W0 is not None and len(present) == n_classes:
         m.coef_, m.intercept_ = np.asarray(W0, np.float64), np.asarray(b0, np.float64)
     with warnings.catch_warnings(), few_threads(X.size < 1_000_000):
@@ -94,10 +105,11 @@ def stratified_folds(y: np.ndarray, n_splits: int, seed: int = 0) -> list[tuple[
 @register
 class LinearHead(Head):
     name = "linear"
-    params = ("C", "Cs", "center", "device")
+    params = ("C", "Cs", "center", "device", "balanced")
 
-    def __init__(self, C: float = 10.0, Cs=CS, center: bool = False, device: str = "auto"):
+    def __init__(self, C: float = 10.0, Cs=CS, center: bool = False, device: str = "auto", balanced: bool = True):
         super().__init__(center)
+        self.balanced = bool(balanced)
         self.C = float(C)
         self.Cs = tuple(float(c) for c in Cs) if Cs else ()
         self.device = device
@@ -115,7 +127,7 @@ class LinearHead(Head):
         self.C = self._choose_C(Xn, yi)
         self.Xtr, self.ytr = Xn, yi
         self._remember(X)
-        self.W, self.b = fit_logreg(Xn, yi, len(self.classes), self.C, device=self.device)
+        self.W, self.b = fit_logreg(Xn, yi, len(self.classes), self.C, device=self.device, balanced=self.balanced)
         return self
 
     def _choose_C(self, X, y) -> float:
@@ -127,7 +139,7 @@ class LinearHead(Head):
         for C in self.Cs:
             correct, nll = 0, 0.0
             for tr, te in folds:
-                W, b = fit_logreg(X[tr], y[tr], len(counts), C, max_iter=50, device=self.device)
+                W, b = fit_logreg(X[tr], y[tr], len(counts), C, max_iter=50, device=self.device, balanced=self.balanced)
                 Z = X[te] @ W.T + b
                 Z = Z - Z.max(1, keepdims=True)
                 logp = Z - np.log(np.exp(Z).sum(1, keepdims=True))
@@ -139,7 +151,7 @@ class LinearHead(Head):
     def cv_logits(self, X, y, unlabeled=None, folds=None):
         """C is chosen once on all labels, then each fold is fitted with it (no nested CV)."""
         C = self.clone().fit(X, y, unlabeled).C
-        fixed = type(self)(C=C, Cs=(), center=self.center, device=self.device)
+        fixed = type(self)(C=C, Cs=(), center=self.center, device=self.device, balanced=self.balanced)
         return Head.cv_logits(fixed, X, y, unlabeled, folds)
 
     def _logits(self, X):
@@ -156,7 +168,8 @@ class LinearHead(Head):
         b0 = np.append(self.b, self.b.mean() if len(self.b) else 0.0)
         self.Xtr = np.vstack([self.Xtr, Xn])
         self.ytr = np.concatenate([self.ytr, np.full(len(Xn), c)])
-        self.W, self.b = fit_logreg(self.Xtr, self.ytr, c + 1, self.C, W0=W0, b0=b0, max_iter=30, device=self.device)
+        self.W, self.b = fit_logreg(self.Xtr, self.ytr, c + 1, self.C, W0=W0, b0=b0, max_iter=30, device=self.device,
+                                    balanced=self.balanced)
         return self
 
     def _arrays(self):
