@@ -238,3 +238,15 @@ def test_linear_balanced_matches_sklearn_class_weight(digits, path):
     assert (ref.predict(X) == 0).sum() > (unweighted.predict(X) == 0).sum()
     head = make_head("linear", C=1.0, Cs=()).fit(X[sup], list(y[sup]))
     assert head.balanced and (np.array(head.predict(X)) == classes[ref.predict(X)]).mean() >= 0.98
+
+
+def test_linear_prefers_weak_regularisation_within_noise(digits):
+    """C: the largest whose cross-validated accuracy is within a standard error of the best one's, never a
+    smaller C than the plain CV winner."""
+    X, y = digits
+    for seed in range(3):
+        sup, _ = split(y, 4, seed)
+        h = make_head("linear").fit(X[sup], list(y[sup]))
+        winner = max(h.cv_scores, key=h.cv_scores.get)
+        assert set(h.cv_scores) == set(h.Cs) and h.C >= winner
+        assert h.cv_scores[winner] - h.cv_scores[h.C] <= 0.5 / np.sqrt(len(sup)) + 1e-9  # a standard error is at most 0.5/sqrt(n)
