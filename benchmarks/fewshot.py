@@ -127,7 +127,7 @@ def estimate_error(X, y, lab, h, unl, true_acc):
     est = estimate_unlabeled(X[lab], list(y[lab]), X[unl], lambda name: Fitted())
     if est is None:
         return None
-    return {"estimate": est["accuracy"], "stderr": est["stderr"], "unweighted": est["unweighted"], "weighted": est["weighted"], "confidence": est["mean_confidence"],
+    return {"estimate": est["accuracy"], "stderr": est["stderr"], "covered": est["low"] <= true_acc <= est["high"], "unweighted": est["unweighted"], "weighted": est["weighted"], "confidence": est["mean_confidence"],
             "true": true_acc}
 
 
@@ -229,7 +229,8 @@ def summarise(acc, cal, est, al, al_est, chosen, shots_levels):
             errs[f"{kind}_{s}"] = {"mean_error": float(e.mean()), "mean_abs_error": float(np.abs(e).mean()),
                                    "unweighted_mean_error": float(u.mean()),
                                    "confidence_mean_error": float(k.mean()), "confidence_mean_abs_error": float(np.abs(k).mean()),
-                                   "mean_stderr": float(np.mean([row["stderr"] for row in rows]))}
+                                   "mean_stderr": float(np.mean([row["stderr"] for row in rows])),
+                                   "interval_coverage": float(np.mean([row["covered"] for row in rows]))}
     r["estimate_error"] = errs
     return r
 
@@ -253,7 +254,8 @@ def print_set(con, name, r, n, k, seeds, shots_levels):
                   + f"; random 8/cl {r['random_8_per_class']:.3f}; labels/class to match: {r['labels_per_class_to_match_random_8']}")
     for key, e in r["estimate_error"].items():
         con.print(f"eval estimate, {key} labels/class: error {e['mean_error']:+.3f} (|err| {e['mean_abs_error']:.3f}, "
-                  f"unweighted {e['unweighted_mean_error']:+.3f}, mean conf {e['confidence_mean_error']:+.3f}, stderr {e['mean_stderr']:.3f})")
+                  f"unweighted {e['unweighted_mean_error']:+.3f}, mean conf {e['confidence_mean_error']:+.3f}, stderr {e['mean_stderr']:.3f}, "
+                  f"95% interval held the truth in {e['interval_coverage']:.0%} of runs)")
 
 
 def main(argv=None):

@@ -202,7 +202,7 @@ def eval_(
     est = run.unlabeled_estimate
     if est:
         out.print(f"expected on the unlabeled images: {est['head']} {est['accuracy']:.3f} "
-                  f"(95% {est['low']:.3f}-{est['high']:.3f}; the labels weighted by the images they stand for)", highlight=False)
+                  f"(95% {est['low']:.3f}-{est['high']:.3f}; its calibrated confidence there, checked against its held-out accuracy on the labels)", highlight=False)
     for h, e in run.errors.items():
         out.print(f"  [yellow]{h} failed[/]: {e}", highlight=False)
     out.print(f"plateau: [bold]{'yes' if plat.plateau else 'no'}[/] ({plat.reason})", highlight=False)
