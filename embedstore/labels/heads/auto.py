@@ -157,10 +157,13 @@ class AutoHead(Head):
         if d.mean() > self.margin * se and d.mean() > 0:
             return best
         self.default_kept = True
-        self.note = (f"{self.note}; " if self.note else "") + (
-            f"the best candidate, {' + '.join(self._split(best, cat))}, scored {scores[best]['accuracy']:.3f} on held-out labels vs "
-            f"{scores[default]['accuracy']:.3f} for the default: a gain of {d.mean():+.3f}, within {self.margin:g} standard error(s) "
-            f"({se:.3f}), too thin to trust, so the default is kept")
+        name, a, b = " + ".join(self._split(best, cat)), scores[best]["accuracy"], scores[default]["accuracy"]
+        sems = "one standard error" if self.margin == 1 else f"{self.margin:g} standard errors"
+        why = (f"the best candidate, {name}, did no better than the default on held-out labels ({a:.3f} vs {b:.3f})"
+               if d.mean() <= 0 else
+               f"the best candidate, {name}, scored {a:.3f} on held-out labels vs {b:.3f} for the default: a gain of "
+               f"{d.mean():+.3f}, within {sems} ({se:.3f}), too thin to trust")
+        self.note = (f"{self.note}; " if self.note else "") + why + ", so the default is kept"
         return default
 
     def _agreement_temperature(self, unlabeled) -> float:
