@@ -111,6 +111,9 @@ def test_review_correction_changes_the_label(photo_store, monkeypatch):
     s = fresh(photo_store)
     assert s.labels()[target] == "coffee"
     assert target not in set(s.predictions().column("id").to_pylist())  # predictions refreshed: now labeled
+    at.run()
+    shown = [c.value for c in at.caption if c.value.startswith("predicted by")]
+    assert shown and "auto" in shown[0], [c.value for c in at.caption]  # the refresh ran auto; it says why
 
 
 def test_review_accept_and_why(photo_store, monkeypatch):
