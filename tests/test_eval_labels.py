@@ -9,7 +9,7 @@ import pytest
 
 import embedstore
 from embedstore.errors import EmptyInputError, InvalidArgumentError
-from embedstore.labels.evaluate import CONFIDENCE_WEIGHT, estimate_unlabeled
+from embedstore.labels.evaluate import estimate_unlabeled
 from embedstore.labels.heads import make_head
 from embedstore.labels.suggest import rank
 from embedstore.results import EvalRun
@@ -84,8 +84,7 @@ def test_estimate_on_suggested_labels_is_honest(digits_store_path):
         h = make_head("auto").fit(X[lab], list(y[lab]), unlabeled=X[unl])
         truth = float((np.array(h.predict(X[unl]), dtype=object) == y[unl]).mean())
         est = estimate_unlabeled(X[lab], list(y[lab]), X[unl], make_head)
-        mix = CONFIDENCE_WEIGHT * est["mean_confidence"] + (1 - CONFIDENCE_WEIGHT) * est["weighted"]
-        assert abs(est["accuracy"] - mix) < 1e-3
+        assert abs(est["accuracy"] - est["mean_confidence"]) < 1e-3
         assert est["stderr"] >= abs(est["mean_confidence"] - est["weighted"]) / 2 - 1e-3
         assert est["low"] <= truth <= est["high"], (est, truth)
         errs.append(est["accuracy"] - truth)

@@ -301,7 +301,8 @@ def refresh_predictions(store) -> str:
     with st.spinner("updating predictions…"):
         try:
             with write_access(store):
-                st.session_state["classify_reason"] = store.classify().reason  # which head predicts, and why
+                res = store.classify()
+                st.session_state["classify_reason"] = (res.chosen, res.reason)  # which head predicts, and why
         except EmbedstoreError as e:
             st.info(f"predictions not updated: {e}")
             return f"predictions not updated: {e}"

@@ -122,9 +122,10 @@ def render(store) -> None:
         return
 
     pending = preds[~preds["id"].isin(list(labels))]  # labeled since the last classify: nothing to review
-    heads = sorted(preds["head"].dropna().unique().tolist()) if "head" in preds else []
-    if heads:  # what predicted, and (when this session re-ran it) why auto chose it
-        st.caption(f"predicted by {', '.join(heads)}" + (f" — {r}" if (r := st.session_state.get("classify_reason")) else ""))
+    heads = sorted(preds["head"].dropna().unique().tolist())
+    chosen, why = st.session_state.get("classify_reason", (None, ""))
+    if heads:  # what predicted, and why when this session's refresh made these predictions
+        st.caption(f"predicted by {', '.join(heads)}" + (f" — {why}" if heads == [chosen] else ""))
     buckets = sorted(pending["label"].dropna().unique().tolist())
     counts = pending["label"].fillna(common.UNKNOWN).value_counts().to_dict()
     opts = buckets + [common.UNKNOWN]

@@ -31,7 +31,6 @@ from embedstore.storage import Storage
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 TEXT_HEADS = ("zeroshot", "fused")
-CONFIDENCE_WEIGHT = 1.0  # share of the calibrated confidence in estimate_unlabeled's point estimate (see there)
 
 
 def applicable_heads(has_text: bool) -> list[str]:
@@ -128,9 +127,9 @@ def estimate_unlabeled(X: np.ndarray, y: Sequence[str], unlabeled: np.ndarray | 
     cross-validated accuracy is biased low. Two estimates: each label's out-of-fold correctness (auto's own
     cross-validation of the head it chose) weighted by how much of the unlabeled collection it stands for (1 +
     the number of unlabeled vectors whose nearest labeled vector it is: a nearest-neighbour density ratio),
-    and the head's mean calibrated top probability on the unlabeled images. The accuracy is CONFIDENCE_WEIGHT
-    of the second plus the rest of the first (now all the second); its stderr is that of the weighted part
-    widened by half the gap between the two (the estimator's own uncertainty). Returns {head, accuracy, stderr, low, high, n_effective,
+    and the head's mean calibrated top probability on the unlabeled images. The accuracy is the second (the
+    first without unlabeled images); its stderr is that of the weighted part widened by half the gap between
+    the two (the estimator's own uncertainty). Returns {head, accuracy, stderr, low, high, n_effective,
     weighted, unweighted, mean_confidence, method}, or None when there is nothing to hold out (a class with
     one label)."""
     y = [str(c) for c in y]
@@ -151,13 +150,11 @@ def estimate_unlabeled(X: np.ndarray, y: Sequence[str], unlabeled: np.ndarray | 
     stderr = float(np.sqrt((w**2 * (c - weighted) ** 2).sum()) / w.sum())
     # the two estimates err in different ways (out-of-fold: low on hard, suggest-chosen labels and on steep
     # learning curves; confidence: the calibration's bias). benchmarks/fewshot.py (issue 12; six collections, 4 and 8
-    # labels per class, random and suggest-chosen): weight 0.75 was chosen on seeds 0-1 (mean |error| 0.039 / 0.043 vs
-    # 0.042 / 0.048 at 0.5); after auto's one-standard-error rule (10 seeds) the out-of-fold part only pulled the
-    # estimate down (glyphs, 8 suggested per class: -0.072 at 0.75, -0.042 with the confidence alone; summed mean
-    # |error| over the 20 cells 0.996 -> 0.946), so it now only widens the stderr (half the gap between the two)
-    acc, gap = weighted, 0.0
-    if conf is not None:
-        acc, gap = CONFIDENCE_WEIGHT * conf + (1 - CONFIDENCE_WEIGHT) * weighted, abs(conf - weighted)
+    # labels per class, random and suggest-chosen): a 0.75 / 0.25 mix was chosen on seeds 0-1; after auto's
+    # one-standard-error rule (10 seeds) the out-of-fold part only pulled it down (glyphs, 8 suggested per class:
+    # -0.072 mixed, -0.042 with the confidence alone; summed mean |error| over the 20 cells 0.996 -> 0.946), so it
+    # now only widens the stderr
+    acc, gap = (weighted, 0.0) if conf is None else (conf, abs(conf - weighted))
     stderr = float(np.sqrt(stderr**2 + gap**2 / 4))
     return {
         "head": str(getattr(h, "chosen", head) or head),
@@ -169,16 +166,9 @@ def estimate_unlabeled(X: np.ndarray, y: Sequence[str], unlabeled: np.ndarray | 
         "weighted": round(weighted, 4),
         "unweighted": round(float(c.mean()), 4),
         "mean_confidence": None if conf is None else round(conf, 4),
-        "method": _method(),
+        "method": "mean calibrated top probability on the unlabeled images; the standard error counts the out-of-fold "
+        "accuracy on the labels, each weighted by the unlabeled images it is nearest to, and half its gap to the former",
     }
-
-
-def _method() -> str:
-    oof = "out-of-fold accuracy on the labels, each weighted by the unlabeled images it is nearest to"
-    conf = "mean calibrated top probability on the unlabeled images"
-    if CONFIDENCE_WEIGHT >= 1:
-        return f"{conf}; the standard error counts the {oof} and half its gap to the former"
-    return f"{CONFIDENCE_WEIGHT:g} x ({conf}) + {1 - CONFIDENCE_WEIGHT:g} x ({oof})"
 
 
 def evaluate(
