@@ -159,7 +159,7 @@ def classify(
 def suggest(
     store: Path = STORE_ARG,
     n: int = typer.Option(24, "-n", "--n", min=1, help="How many images to suggest."),
-    head: str = typer.Option("knn", "--head", help="Head whose uncertainty guides the choice."),
+    head: str = typer.Option("linear", "--head", help="Head whose margins (uncertainty) guide the choice."),
     reasons: bool = typer.Option(False, "--reasons", help="Show why each image was picked."),
     json_: bool = JSON_OPT,
 ):

@@ -79,3 +79,33 @@ def test_select_prefers_uncertain_then_spreads():
     sims = X[rows[2]] @ X[rows[:2]].T
     others = np.max(X @ X[rows[:2]].T, axis=1)
     assert sims.max() <= np.sort(others)[1] + 1e-6
+
+
+def test_weights_move_from_coverage_to_margins_as_labels_grow():
+    from embedstore.labels.suggest import LATE_WEIGHTS, RAMP_TO, WEIGHTS, weights_for
+
+    assert weights_for(1) == pytest.approx(WEIGHTS) and weights_for(RAMP_TO) == pytest.approx(LATE_WEIGHTS)
+    assert weights_for(50) == pytest.approx(LATE_WEIGHTS)
+    u = [weights_for(k)["uncertainty"] for k in (1, 2, 3, 4)]
+    assert u == sorted(u) and u[0] < u[-1] and WEIGHTS["coverage"] > LATE_WEIGHTS["coverage"]
+
+
+def test_rank_with_many_labels_asks_about_the_boundary():
+    """Two overlapping classes, 6 labels each from their cores: margin-led picks sit where the classes meet."""
+    from embedstore.labels.heads import make_head
+    from embedstore.labels.suggest import rank
+
+    rng = np.random.default_rng(0)
+    d = 16
+    mu = np.zeros((2, d), np.float32)
+    mu[0, 0], mu[1, 0] = 1.0, -1.0
+    t = rng.uniform(-1, 1, 400)  # position along the axis joining the two classes
+    X = (t[:, None] * mu[0] + 0.15 * rng.normal(size=(400, d)) + np.eye(d, dtype=np.float32)[1]).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    y = np.where(t > 0, "a", "b")
+    lab = np.r_[np.argsort(-t)[:6], np.argsort(t)[:6]]  # the cores
+    unl = np.setdiff1d(np.arange(400), lab)
+    picks = rank(X[lab], list(y[lab]), X[unl], 5, make_head)
+    assert len({p["row"] for p in picks}) == 5
+    assert np.abs(t[unl[[p["row"] for p in picks]]]).mean() < 0.25  # near the boundary (|t| small); coverage-led: 0.44
+    assert sum(p["reason"].startswith("uncertain between") for p in picks) >= 3

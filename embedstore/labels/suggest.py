@@ -1,13 +1,15 @@
-"""What to label next: uncertainty mixed with diversity and class balance.
+"""What to label next: representative images first, then the ones the head is unsure of, classes balanced.
 
-Each unlabeled image gets three scores in [0, 1]:
-  uncertainty  1 - margin between the head's top two classes (the classic margin sampling rule),
+Each unlabeled image gets four scores in [0, 1]:
+  uncertainty  1 - margin between the head's (a balanced linear probe's) top two classes (margin sampling),
   diversity    how far it is from every labeled or already-suggested image (greedy coverage: each pick
                updates the distances, so a batch does not pile up in one corner of embedding space),
   balance      how rare its predicted class is among the labels (rarest class = 1),
   coverage     facility location: how much closer labeling it brings the (sampled) unlabeled collection to
-               its nearest labeled image, i.e. dense regions no label stands for yet (the largest weight).
-The pick maximises a weighted sum, one image at a time. Near-identical vectors (cosine above `dedup`)
+               its nearest labeled image, i.e. dense regions no label stands for yet.
+The pick maximises a weighted sum, one image at a time; the weights move from coverage-led (one label per
+class) to margin-led (RAMP_TO labels per class and more), see weights_for(). Vectors are compared after
+subtracting the collection mean (CL2N). Near-identical vectors (cosine above `dedup`)
 to a labeled or already-picked image are skipped: labeling a duplicate teaches nothing.
 Without two labeled classes there is no head yet: the picks are k-means++ seeds (diverse and
 representative), again without duplicates.
@@ -18,14 +20,25 @@ from __future__ import annotations
 import numpy as np
 
 from embedstore.errors import InvalidArgumentError
+from embedstore.labels.heads.vectors import cl2n
 from embedstore.results import Suggestion
 
-# Measured in benchmarks/fewshot.py (issue 12): the old weights (uncertainty 0.5, diversity 0.35, balance 0.15,
-# no coverage) needed 8 labels per class to match 8 random ones on digits, glyphs and icons; coverage-led
-# weights matched them with 6 (digits) and 3 (icons) at 2 seeds. Few labels: representative images teach more
-# than uncertain ones (Hacohen et al. 2022, "Active learning on a budget"); uncertainty still breaks ties.
+# Measured in benchmarks/fewshot.py (issue 12): the first weights (uncertainty 0.5, diversity 0.35, balance 0.15,
+# no coverage) needed 8 labels per class to match 8 random ones on digits, glyphs and icons; coverage-led weights
+# (below) matched them with 6 (digits) and 3 (icons). Few labels: representative images teach more than
+# uncertain ones (Hacohen et al. 2022, "Active learning on a budget"); with more labels the head's margins
+# become worth trusting (Doucet et al. 2023, "TCM": typicality first, then margin). weights_for() moves from one
+# to the other as labels per class grow.
 WEIGHTS = {"uncertainty": 0.15, "diversity": 0.0, "balance": 0.1, "coverage": 0.75}
+LATE_WEIGHTS = {"uncertainty": 0.5, "diversity": 0.0, "balance": 0.1, "coverage": 0.4}
+RAMP_TO = 4.0  # labels per class from which LATE_WEIGHTS apply
 REFERENCE_CELLS = 20_000_000  # candidates x reference points held for the coverage term (80 MB of float32)
+
+
+def weights_for(labels_per_class: float) -> dict:
+    """The mix for this many labels per class: WEIGHTS at one, LATE_WEIGHTS from RAMP_TO on, linear between."""
+    t = float(np.clip((labels_per_class - 1.0) / (RAMP_TO - 1.0), 0.0, 1.0))
+    return {k: (1 - t) * WEIGHTS[k] + t * LATE_WEIGHTS[k] for k in WEIGHTS}
 
 
 def max_similarity(Q: np.ndarray, L: np.ndarray, block: int = 16384) -> np.ndarray:
@@ -116,10 +129,13 @@ def kmeanspp(X: np.ndarray, n: int, seed: int = 0, dedup: float = 0.99) -> list[
     return out
 
 
-def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: str = "knn",
-         weights: dict | None = None, dedup: float = 0.99, seed: int = 0) -> list[dict]:
+def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: str = "linear",
+         weights: dict | None = None, dedup: float = 0.99, seed: int = 0, center: bool = True) -> list[dict]:
     """Pure arrays: up to n rows of the candidates Xc to label next, best first, given labeled XL with
-    classes y. Each pick: {row, score, reason, prediction, margin, parts}. `make_head(name)` builds the head."""
+    classes y. Each pick: {row, score, reason, prediction, margin, parts}. `make_head(name)` builds the head.
+    Once two classes are labeled, `center` subtracts the collection mean first (SimpleShot's CL2N): the head's
+    margins and the coverage term then see what tells images apart rather than what they all share.
+    `weights` (partial) override weights_for(the mean labels per class)."""
     classes = sorted(set(y))
     if len(classes) < 2:  # no head yet: cover the collection, away from whatever is labeled
         if len(XL):
@@ -129,6 +145,10 @@ def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: 
                     for j, p in zip(rows, parts)]
         return [{"row": j, "score": 1.0, "parts": None, "prediction": None, "margin": None,
                  "reason": "diverse sample of the collection (k-means++)"} for j in kmeanspp(Xc, n, seed=seed, dedup=dedup)]
+    if center:
+        mean = (XL.sum(0) + Xc.sum(0)) / (len(XL) + len(Xc))
+        XL, Xc = cl2n(XL, mean), cl2n(Xc, mean)
+    w = {**weights_for(len(y) / len(classes)), **(weights or {})}
     h = make_head(head)
     h.fit(XL, y, unlabeled=Xc)
     P = h.predict_proba(Xc)
@@ -139,8 +159,7 @@ def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: 
     counts = {c: y.count(c) for c in h.classes}
     rarest = min(counts.values())
     balance = np.array([rarest / counts[h.classes[k]] for k in order[:, 0]], np.float32)
-    rows, parts = select(Xc, n, uncertainty=1 - margin, balance=balance, labeled=XL, weights=weights, dedup=dedup)
-    w = {**WEIGHTS, **(weights or {})}
+    rows, parts = select(Xc, n, uncertainty=1 - margin, balance=balance, labeled=XL, weights=w, dedup=dedup)
     out = []
     for j, p in zip(rows, parts):
         c1, c2 = h.classes[order[j, 0]], h.classes[order[j, 1]]
@@ -157,7 +176,7 @@ def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: 
 
 
 def suggest(
-    clf, n: int = 24, head: str = "knn", weights: dict | None = None, dedup: float = 0.99, seed: int = 0
+    clf, n: int = 24, head: str = "linear", weights: dict | None = None, dedup: float = 0.99, seed: int = 0
 ) -> list[Suggestion]:
     """Up to n unlabeled, non-duplicate images to label next, best first."""
     if n < 1:
