@@ -163,7 +163,7 @@ def suggest(
     reasons: bool = typer.Option(False, "--reasons", help="Show why each image was picked."),
     json_: bool = JSON_OPT,
 ):
-    """Print the paths of the images worth labeling next (uncertain, diverse, rare classes)."""
+    """Print the paths of the images worth labeling next (representative first, then uncertain; classes balanced)."""
     s = open_store(store)
     res = s.suggest(n, head=head)
     if json_:
@@ -202,7 +202,8 @@ def eval_(
     est = run.unlabeled_estimate
     if est:
         out.print(f"expected on the unlabeled images: {est['head']} {est['accuracy']:.3f} "
-                  f"(95% {est['low']:.3f}-{est['high']:.3f}; its calibrated confidence there, checked against its held-out accuracy on the labels)", highlight=False)
+                  f"(95% {est['low']:.3f}-{est['high']:.3f}; its calibrated confidence there, checked against its held-out accuracy on the labels; "
+                  "it reads low when most labels came from suggest's boundary picks)", highlight=False)
     for h, e in run.errors.items():
         out.print(f"  [yellow]{h} failed[/]: {e}", highlight=False)
     out.print(f"plateau: [bold]{'yes' if plat.plateau else 'no'}[/] ({plat.reason})", highlight=False)

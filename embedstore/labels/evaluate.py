@@ -167,7 +167,8 @@ def estimate_unlabeled(X: np.ndarray, y: Sequence[str], unlabeled: np.ndarray | 
         "unweighted": round(float(c.mean()), 4),
         "mean_confidence": None if conf is None else round(conf, 4),
         "method": "mean calibrated top probability on the unlabeled images; the standard error counts the out-of-fold "
-        "accuracy on the labels, each weighted by the unlabeled images it is nearest to, and half its gap to the former",
+        "accuracy on the labels, each weighted by the unlabeled images it is nearest to, and half its gap to the former; "
+        "it reads low (by up to 0.1 in benchmarks/fewshot.py) when most labels are hard images such as suggest's boundary picks",
     }
 
 
