@@ -105,7 +105,10 @@ def test_rank_with_many_labels_asks_about_the_boundary():
     y = np.where(t > 0, "a", "b")
     lab = np.r_[np.argsort(-t)[:6], np.argsort(t)[:6]]  # the cores
     unl = np.setdiff1d(np.arange(400), lab)
-    picks = rank(X[lab], list(y[lab]), X[unl], 5, make_head)
+    Xc = X[unl]
+    before = Xc.copy()
+    picks = rank(X[lab], list(y[lab]), Xc, 5, make_head)
+    assert np.array_equal(Xc, before)  # centred on a copy unless overwrite=True
     assert len({p["row"] for p in picks}) == 5
     assert np.abs(t[unl[[p["row"] for p in picks]]]).mean() < 0.25  # near the boundary (|t| small); coverage-led: 0.44
     assert sum(p["reason"].startswith("uncertain between") for p in picks) >= 3

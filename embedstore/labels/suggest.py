@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 from embedstore.errors import InvalidArgumentError
-from embedstore.labels.heads.vectors import cl2n
 from embedstore.results import Suggestion
 
 # Measured in benchmarks/fewshot.py (issue 12): the first weights (uncertainty 0.5, diversity 0.35, balance 0.15,
@@ -129,13 +128,25 @@ def kmeanspp(X: np.ndarray, n: int, seed: int = 0, dedup: float = 0.99) -> list[
     return out
 
 
+def centred(X: np.ndarray, mean: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """CL2N rows (X - mean, re-normalised) without the two full-size temporaries of heads.cl2n: in place when
+    `overwrite` and X is float32 (a million 1280-d vectors are 5 GB)."""
+    X = X if overwrite and X.dtype == np.float32 else np.array(X, np.float32)
+    for i in range(0, len(X), 65536):
+        B = X[i : i + 65536]
+        B -= mean
+        B /= np.maximum(np.linalg.norm(B, axis=1, keepdims=True), 1e-12)
+    return X
+
+
 def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: str = "linear",
-         weights: dict | None = None, dedup: float = 0.99, seed: int = 0, center: bool = True) -> list[dict]:
+         weights: dict | None = None, dedup: float = 0.99, seed: int = 0, center: bool = True,
+         overwrite: bool = False) -> list[dict]:
     """Pure arrays: up to n rows of the candidates Xc to label next, best first, given labeled XL with
     classes y. Each pick: {row, score, reason, prediction, margin, parts}. `make_head(name)` builds the head.
     Once two classes are labeled, `center` subtracts the collection mean first (SimpleShot's CL2N): the head's
     margins and the coverage term then see what tells images apart rather than what they all share.
-    `weights` (partial) override weights_for(the mean labels per class)."""
+    `weights` (partial) override weights_for(the mean labels per class). `overwrite`: Xc may be centred in place."""
     classes = sorted(set(y))
     if len(classes) < 2:  # no head yet: cover the collection, away from whatever is labeled
         if len(XL):
@@ -146,8 +157,8 @@ def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: 
         return [{"row": j, "score": 1.0, "parts": None, "prediction": None, "margin": None,
                  "reason": "diverse sample of the collection (k-means++)"} for j in kmeanspp(Xc, n, seed=seed, dedup=dedup)]
     if center:
-        mean = (XL.sum(0) + Xc.sum(0)) / (len(XL) + len(Xc))
-        XL, Xc = cl2n(XL, mean), cl2n(Xc, mean)
+        mean = ((XL.sum(0, dtype=np.float64) + Xc.sum(0, dtype=np.float64)) / (len(XL) + len(Xc))).astype(np.float32)
+        XL, Xc = centred(XL, mean), centred(Xc, mean, overwrite)
     w = {**weights_for(len(y) / len(classes)), **(weights or {})}
     h = make_head(head)
     h.fit(XL, y, unlabeled=Xc)
@@ -188,7 +199,7 @@ def suggest(
     if len(cand) == 0:
         return []
     y = [labels[int(i)] for i in vs.ids[is_lab]]
-    picks = rank(vs.vectors[is_lab], y, vs.vectors[cand], n, clf.make_head, head, weights, dedup, seed)
+    picks = rank(vs.vectors[is_lab], y, vs.vectors[cand], n, clf.make_head, head, weights, dedup, seed, overwrite=True)
     return [_row(vs, cand[p["row"]], p["score"], p["reason"], p["prediction"], p["margin"], p["parts"]) for p in picks]
 
 
