@@ -90,3 +90,22 @@ def test_estimate_on_suggested_labels_is_honest(digits_store_path):
         errs.append(est["accuracy"] - truth)
     # a 200-image store on a steep learning curve: errors can be large, but each is inside its interval (above)
     assert abs(np.mean(errs)) < 0.2, errs
+
+
+def test_weighted_temperature_follows_the_weighted_labels():
+    """fit_temperature with weights: the rows that stand for more of the collection set the temperature."""
+    from embedstore.labels.heads.calibrate import fit_temperature
+
+    rng = np.random.default_rng(0)
+    n = 200
+    y = rng.integers(0, 3, n)
+    Z = rng.normal(size=(n, 3))
+    easy = np.arange(n) < n // 2
+    Z[easy, y[easy]] += 4.0  # confidently right
+    hard = ~easy
+    Z[hard, (y[hard] + 1) % 3] += 1.0  # unsure and mostly wrong
+    t_all = fit_temperature(Z, y)
+    assert fit_temperature(Z, y, weights=np.ones(n)) == pytest.approx(t_all, rel=1e-3)
+    t_easy = fit_temperature(Z, y, weights=np.where(easy, 10.0, 1.0))
+    t_hard = fit_temperature(Z, y, weights=np.where(easy, 1.0, 10.0))
+    assert t_easy < t_all < t_hard

@@ -68,6 +68,7 @@ class AutoHead(Head):
         self.chosen: str = ""
         self.cv_scores: dict[str, dict[str, float]] = {}
         self.oof_correct: np.ndarray | None = None  # per label: was the chosen head right out of fold (not saved)
+        self.oof_logp: np.ndarray | None = None  # per label: the chosen head's out-of-fold log-probabilities (not saved)
         # per label: may it score the choice? False for images a fine-tuned backbone trained on (their vectors
         # look easier than unseen images'); they still train every candidate. None: all may (not saved)
         self.score_mask: np.ndarray | None = None
@@ -108,7 +109,7 @@ class AutoHead(Head):
         if folds is None:
             labels = [f for f in self.fallback if f in cat] or [next(iter(cat))]
             temps = {lab: DEFAULT_T.get(lab, 1.0) for lab in labels}
-            self.cv_scores, self.oof_correct = {}, None
+            self.cv_scores, self.oof_correct, self.oof_logp = {}, None, None
         else:
             oof, temps = {}, {}
             for lab in cat:
@@ -128,6 +129,7 @@ class AutoHead(Head):
             self.cv_scores = scores
             labels = self._split(best, cat)
             self.oof_correct = oof[best].argmax(1) == yi
+            self.oof_logp = oof[best]
         self.members = []
         for lab in labels:
             h = self._make(lab, cat).fit(X, y, unlabeled)

@@ -13,18 +13,19 @@ from scipy.optimize import minimize_scalar
 from embedstore.labels.heads.vectors import encode_labels
 
 
-def nll(logits: np.ndarray, y: np.ndarray, T: float = 1.0) -> float:
+def nll(logits: np.ndarray, y: np.ndarray, T: float = 1.0, weights: np.ndarray | None = None) -> float:
+    """Mean negative log-likelihood of softmax(logits / T); `weights` make it a weighted mean."""
     Z = logits.astype(np.float64) / T
     Z = Z - Z.max(1, keepdims=True)
     logp = Z - np.log(np.exp(Z).sum(1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean())
+    return float(-np.average(logp[np.arange(len(y)), y], weights=weights))
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.02, 50.0)) -> float:
-    """The T in `bounds` minimising NLL of softmax(logits / T) for int labels y."""
+def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.02, 50.0), weights: np.ndarray | None = None) -> float:
+    """The T in `bounds` minimising NLL of softmax(logits / T) for int labels y (each weighted, if given)."""
     if len(y) == 0:
         return 1.0
-    r = minimize_scalar(lambda t: nll(logits, y, float(np.exp(t))), bounds=np.log(bounds), method="bounded")
+    r = minimize_scalar(lambda t: nll(logits, y, float(np.exp(t)), weights), bounds=np.log(bounds), method="bounded")
     return float(np.exp(r.x))
 
 
