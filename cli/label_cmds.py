@@ -202,8 +202,8 @@ def eval_(
     est = run.unlabeled_estimate
     if est:
         out.print(f"expected on the unlabeled images: {est['head']} {est['accuracy']:.3f} "
-                  f"(95% {est['low']:.3f}-{est['high']:.3f}; its calibrated confidence there, checked against its held-out accuracy on the labels; "
-                  "it reads low when most labels came from suggest's boundary picks)", highlight=False)
+                  f"(95% {est['low']:.3f}-{est['high']:.3f}; its confidence there, calibrated on the labels weighted by the images each "
+                  "stands for, checked against its held-out accuracy on them; it can read low when most labels came from suggest)", highlight=False)
     for h, e in run.errors.items():
         out.print(f"  [yellow]{h} failed[/]: {e}", highlight=False)
     out.print(f"plateau: [bold]{'yes' if plat.plateau else 'no'}[/] ({plat.reason})", highlight=False)
