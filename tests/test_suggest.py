@@ -112,3 +112,30 @@ def test_rank_with_many_labels_asks_about_the_boundary():
     assert len({p["row"] for p in picks}) == 5
     assert np.abs(t[unl[[p["row"] for p in picks]]]).mean() < 0.25  # near the boundary (|t| small); coverage-led: 0.44
     assert sum(p["reason"].startswith("uncertain between") for p in picks) >= 3
+
+
+def test_near_duplicates_are_judged_before_centring():
+    """Vectors sharing a large common part: a pair at raw cosine > 0.99 can sit far below 0.99 once the mean is
+    subtracted; suggest still offers only one of the two, and reports raw nearest similarities."""
+    from embedstore.labels.heads import make_head
+    from embedstore.labels.suggest import centred, rank
+
+    rng = np.random.default_rng(1)
+    d = 24
+    common = np.zeros(d, np.float32)
+    common[0] = 6.0
+    X = (common + rng.normal(size=(120, d))).astype(np.float32)
+    X[119] = X[118] + 0.2 * rng.normal(size=d)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    C = centred(X, X.mean(0))
+    assert float(X[118] @ X[119]) > 0.99 > float(C[118] @ C[119])
+    y = np.where(X[:, 1] > 0, "a", "b")
+    lab = np.r_[np.flatnonzero(y == "a")[:3], np.flatnonzero(y == "b")[:3]]
+    unl = np.setdiff1d(np.arange(120), lab)
+    picks = rank(X[lab], list(y[lab]), X[unl], len(unl), make_head)
+    rows = {int(unl[p["row"]]) for p in picks}
+    assert len(rows & {118, 119}) == 1
+    assert len(rows) == len(unl) - 1
+    raw_nearest = (X[unl] @ X[lab].T).max(1)
+    first = picks[0]
+    assert first["parts"]["nearest_similarity"] == pytest.approx(float(raw_nearest[first["row"]]), abs=1e-4)

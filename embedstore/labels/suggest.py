@@ -40,14 +40,33 @@ def weights_for(labels_per_class: float) -> dict:
     return {k: (1 - t) * WEIGHTS[k] + t * LATE_WEIGHTS[k] for k in WEIGHTS}
 
 
-def max_similarity(Q: np.ndarray, L: np.ndarray, block: int = 16384) -> np.ndarray:
-    """Per row of Q, its largest cosine similarity to any row of L (-1 when L is empty)."""
+def max_similarity(Q: np.ndarray, L: np.ndarray, block: int = 16384, raw: "Uncentre | None" = None) -> np.ndarray:
+    """Per row of Q, its largest cosine similarity to any row of L (-1 when L is empty); with `raw`, Q and L are
+    centred and the similarity is that of the vectors before centring."""
     if len(L) == 0:
         return np.full(len(Q), -1.0, np.float32)
     out = np.empty(len(Q), np.float32)
     for i in range(0, len(Q), block):
-        out[i : i + block] = (Q[i : i + block] @ L.T).max(1)
+        S = Q[i : i + block] @ L.T
+        if raw is not None:
+            S = raw.a[i : i + block, None] * raw.la[None, :] * S + raw.b[i : i + block, None] + raw.lb[None, :] + raw.mm
+        out[i : i + block] = S.max(1)
     return out
+
+
+class Uncentre:
+    """Cosines of the vectors before centring from those after: x = a c + mean (a = |x - mean|, c unit), so
+    x . y = a_x a_y (c_x . c_y) + b_x + b_y + mean . mean with b = a (c . mean). Keeps `dedup` and the reported
+    nearest similarity in the collection's own terms without a second full-size copy of the candidates."""
+
+    def __init__(self, Xc: np.ndarray, a: np.ndarray, L: np.ndarray, la: np.ndarray, mean: np.ndarray):
+        self.a, self.la, self.mm = a, la, float(mean @ mean)
+        self.b = a * (Xc @ mean)
+        self.lb = la * (L @ mean) if len(L) else np.zeros(0, np.float32)
+
+    def row(self, s: np.ndarray, j: int) -> np.ndarray:
+        """Raw cosines of every candidate to candidate j, from their centred ones s."""
+        return self.a * self.a[j] * s + self.b + self.b[j] + self.mm
 
 
 def select(
@@ -58,8 +77,10 @@ def select(
     labeled: np.ndarray | None = None,
     weights: dict | None = None,
     dedup: float = 0.99,
+    raw: Uncentre | None = None,
 ) -> tuple[list[int], list[dict]]:
-    """Greedy batch selection over candidate vectors X (rows L2-normalised).
+    """Greedy batch selection over candidate vectors X (rows L2-normalised). With `raw` (X and labeled centred),
+    near-duplicates and nearest similarities are judged on the vectors before centring.
 
     Returns the chosen rows and, per pick, its parts {uncertainty, diversity, balance, score,
     nearest_similarity}. Pure numpy over arrays: usable on vectors from anywhere.
@@ -69,7 +90,7 @@ def select(
     u = np.zeros(m, np.float32) if uncertainty is None else np.asarray(uncertainty, np.float32)
     b = np.zeros(m, np.float32) if balance is None else np.asarray(balance, np.float32)
     L = labeled if labeled is not None else np.zeros((0, X.shape[1]), np.float32)
-    nearest = max_similarity(X, L)
+    nearest = max_similarity(X, L, raw=raw)
     blocked = nearest > dedup
     if w.get("coverage", 0) > 0:  # facility location over a sample of the candidates (the collection to stand for)
         r = int(min(m, 1000, max(100, REFERENCE_CELLS // max(m, 1))))
@@ -103,6 +124,8 @@ def select(
             }
         )
         s = X @ X[j]
+        if raw is not None:
+            s = raw.row(s, j)
         blocked |= s > dedup
         blocked[j] = True
         np.maximum(nearest, s, out=nearest)
@@ -158,7 +181,12 @@ def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: 
                  "reason": "diverse sample of the collection (k-means++)"} for j in kmeanspp(Xc, n, seed=seed, dedup=dedup)]
     if center:
         mean = ((XL.sum(0, dtype=np.float64) + Xc.sum(0, dtype=np.float64)) / (len(XL) + len(Xc))).astype(np.float32)
+        na = np.linalg.norm(XL - mean, axis=1).astype(np.float32)
+        nc = np.concatenate([np.linalg.norm(Xc[i : i + 65536] - mean, axis=1) for i in range(0, len(Xc), 65536)]).astype(np.float32)
         XL, Xc = centred(XL, mean), centred(Xc, mean, overwrite)
+        raw = Uncentre(Xc, nc, XL, na, mean)
+    else:
+        raw = None
     w = {**weights_for(len(y) / len(classes)), **(weights or {})}
     h = make_head(head)
     h.fit(XL, y, unlabeled=Xc)
@@ -170,7 +198,7 @@ def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: 
     counts = {c: y.count(c) for c in h.classes}
     rarest = min(counts.values())
     balance = np.array([rarest / counts[h.classes[k]] for k in order[:, 0]], np.float32)
-    rows, parts = select(Xc, n, uncertainty=1 - margin, balance=balance, labeled=XL, weights=w, dedup=dedup)
+    rows, parts = select(Xc, n, uncertainty=1 - margin, balance=balance, labeled=XL, weights=w, dedup=dedup, raw=raw)
     out = []
     for j, p in zip(rows, parts):
         c1, c2 = h.classes[order[j, 0]], h.classes[order[j, 1]]
