@@ -118,7 +118,8 @@ def test_near_duplicates_are_judged_before_centring():
     """Vectors sharing a large common part: a pair at raw cosine > 0.99 can sit far below 0.99 once the mean is
     subtracted; suggest still offers only one of the two, and reports raw nearest similarities."""
     from embedstore.labels.heads import make_head
-    from embedstore.labels.suggest import centred, rank
+    from embedstore.labels.heads.vectors import centre_rows
+    from embedstore.labels.suggest import rank
 
     rng = np.random.default_rng(1)
     d = 24
@@ -127,7 +128,7 @@ def test_near_duplicates_are_judged_before_centring():
     X = (common + rng.normal(size=(120, d))).astype(np.float32)
     X[119] = X[118] + 0.2 * rng.normal(size=d)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
-    C = centred(X, X.mean(0))
+    C = centre_rows(X, X.mean(0))[0]
     assert float(X[118] @ X[119]) > 0.99 > float(C[118] @ C[119])
     y = np.where(X[:, 1] > 0, "a", "b")
     lab = np.r_[np.flatnonzero(y == "a")[:3], np.flatnonzero(y == "b")[:3]]

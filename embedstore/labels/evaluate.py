@@ -124,14 +124,14 @@ def _confidence(h, y: list[str], unlabeled: np.ndarray, w: np.ndarray) -> float:
     log-probabilities with each label weighted by the unlabeled images it stands for (w). Labels that suggest
     chose on class boundaries are the hardest images; unweighted, they set a temperature too cautious for the
     typical image (benchmarks/fewshot.py, issue 12: 8 suggested labels per class, digits -0.046 -> -0.012,
-    icons -0.097 -> -0.053, glyphs -0.094 -> -0.077; random labels stay within 0.05)."""
+    icons -0.097 -> -0.053, glyphs -0.094 -> -0.077; random labels within 0.05 on the benchmark's seeds)."""
     from embedstore.labels.heads.calibrate import fit_temperature
-    from embedstore.labels.heads.vectors import softmax
+    from embedstore.labels.heads.vectors import encode_labels, softmax
 
     logp = getattr(h, "oof_logp", None)
     if logp is None:  # nothing held out (a class with one label): the head's own calibration
         return float(h.predict_proba(unlabeled).max(1).mean())
-    yi = np.array([h.classes.index(c) for c in y])
+    yi = encode_labels(y, h.classes)[1]
     m = np.ones(len(y), bool) if getattr(h, "score_mask", None) is None else np.asarray(h.score_mask, bool)
     T = fit_temperature(logp[m], yi[m], weights=w[m])
     return float(softmax(h.logits(unlabeled) / T).max(1).mean())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from embedstore.errors import InvalidArgumentError
+from embedstore.labels.heads.vectors import centre_rows
 from embedstore.results import Suggestion
 
 # Measured in benchmarks/fewshot.py (issue 12): the first weights (uncertainty 0.5, diversity 0.35, balance 0.15,
@@ -48,9 +49,7 @@ def max_similarity(Q: np.ndarray, L: np.ndarray, block: int = 16384, raw: "Uncen
     out = np.empty(len(Q), np.float32)
     for i in range(0, len(Q), block):
         S = Q[i : i + block] @ L.T
-        if raw is not None:
-            S = raw.a[i : i + block, None] * raw.la[None, :] * S + raw.b[i : i + block, None] + raw.lb[None, :] + raw.mm
-        out[i : i + block] = S.max(1)
+        out[i : i + block] = (S if raw is None else raw.to_labeled(S, slice(i, i + block))).max(1)
     return out
 
 
@@ -64,9 +63,17 @@ class Uncentre:
         self.b = a * (Xc @ mean)
         self.lb = la * (L @ mean) if len(L) else np.zeros(0, np.float32)
 
+    @staticmethod
+    def _raw(S, a1, b1, a2, b2, mm):
+        return a1 * a2 * S + b1 + b2 + mm
+
+    def to_labeled(self, S: np.ndarray, rows: slice) -> np.ndarray:
+        """Raw cosines of candidates `rows` to every labeled vector, from their centred ones S."""
+        return self._raw(S, self.a[rows, None], self.b[rows, None], self.la[None, :], self.lb[None, :], self.mm)
+
     def row(self, s: np.ndarray, j: int) -> np.ndarray:
         """Raw cosines of every candidate to candidate j, from their centred ones s."""
-        return self.a * self.a[j] * s + self.b + self.b[j] + self.mm
+        return self._raw(s, self.a, self.b, self.a[j], self.b[j], self.mm)
 
 
 def select(
@@ -151,17 +158,6 @@ def kmeanspp(X: np.ndarray, n: int, seed: int = 0, dedup: float = 0.99) -> list[
     return out
 
 
-def centred(X: np.ndarray, mean: np.ndarray, overwrite: bool = False) -> np.ndarray:
-    """CL2N rows (X - mean, re-normalised) without the two full-size temporaries of heads.cl2n: in place when
-    `overwrite` and X is float32 (a million 1280-d vectors are 5 GB)."""
-    X = X if overwrite and X.dtype == np.float32 else np.array(X, np.float32)
-    for i in range(0, len(X), 65536):
-        B = X[i : i + 65536]
-        B -= mean
-        B /= np.maximum(np.linalg.norm(B, axis=1, keepdims=True), 1e-12)
-    return X
-
-
 def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: str = "linear",
          weights: dict | None = None, dedup: float = 0.99, seed: int = 0, center: bool = True,
          overwrite: bool = False) -> list[dict]:
@@ -181,9 +177,8 @@ def rank(XL: np.ndarray, y: list[str], Xc: np.ndarray, n: int, make_head, head: 
                  "reason": "diverse sample of the collection (k-means++)"} for j in kmeanspp(Xc, n, seed=seed, dedup=dedup)]
     if center:
         mean = ((XL.sum(0, dtype=np.float64) + Xc.sum(0, dtype=np.float64)) / (len(XL) + len(Xc))).astype(np.float32)
-        na = np.linalg.norm(XL - mean, axis=1).astype(np.float32)
-        nc = np.concatenate([np.linalg.norm(Xc[i : i + 65536] - mean, axis=1) for i in range(0, len(Xc), 65536)]).astype(np.float32)
-        XL, Xc = centred(XL, mean), centred(Xc, mean, overwrite)
+        XL, na = centre_rows(XL, mean)
+        Xc, nc = centre_rows(Xc, mean, overwrite)
         raw = Uncentre(Xc, nc, XL, na, mean)
     else:
         raw = None

@@ -17,8 +17,20 @@ def l2n(X: np.ndarray) -> np.ndarray:
 
 def cl2n(X: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
     """SimpleShot's CL2N: subtract the collection mean and re-normalise (identity when mean is None)."""
-    X = np.asarray(X, dtype=np.float32)
-    return l2n(X - mean) if mean is not None else l2n(X)
+    return centre_rows(X, mean)[0] if mean is not None else l2n(X)
+
+
+def centre_rows(X: np.ndarray, mean: np.ndarray, overwrite: bool = False, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """CL2N in blocks, without full-size temporaries: (rows - mean re-normalised, each row's |x - mean|). In place
+    when `overwrite` and X is float32 already (a million 1280-d vectors are 5 GB)."""
+    X = X if overwrite and isinstance(X, np.ndarray) and X.dtype == np.float32 else np.array(X, np.float32)
+    norms = np.empty(len(X), np.float32)
+    for i in range(0, len(X), block):
+        B = X[i : i + block]
+        B -= mean
+        norms[i : i + block] = np.linalg.norm(B, axis=1)
+        B /= np.maximum(norms[i : i + block, None], 1e-12)
+    return X, norms
 
 
 def softmax(Z: np.ndarray, axis: int = -1) -> np.ndarray:
