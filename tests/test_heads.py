@@ -250,3 +250,23 @@ def test_linear_prefers_weak_regularisation_within_noise(digits):
         winner = max(h.cv_scores, key=h.cv_scores.get)
         assert set(h.cv_scores) == set(h.Cs) and h.C >= winner
         assert h.cv_scores[winner] - h.cv_scores[h.C] <= 0.5 / np.sqrt(len(sup)) + 1e-9  # a standard error is at most 0.5/sqrt(n)
+
+
+def test_folds_are_not_capped_by_the_smallest_class(digits):
+    """Uneven labels (what suggest gives): 5 folds even when a class has 2 labels, each label held out once,
+    every class in every training part, and auto's out-of-fold predictions cover every label."""
+    from embedstore.labels.heads.calibrate import make_folds
+
+    X, y = digits
+    rng = np.random.default_rng(0)
+    classes = sorted(set(y))[:4]
+    lab = np.concatenate([rng.choice(np.flatnonzero(y == c), 2 if c == classes[0] else 8, replace=False) for c in classes])
+    folds = make_folds(list(y[lab]))
+    assert len(folds) == 5
+    held = np.concatenate([te for _, te in folds])
+    assert sorted(held) == list(range(len(lab)))
+    assert all(set(y[lab][tr]) == set(classes) for tr, _ in folds)
+    assert all(len(tr) >= 0.75 * len(lab) for tr, _ in folds)  # capped at 2 folds, each part had half the labels
+    h = make_head("auto").fit(X[lab], list(y[lab]), unlabeled=X)
+    assert h.oof_logp.shape == (len(lab), 4) and np.isfinite(h.oof_logp).all()
+    assert make_folds(["a", "a", "b"]) is None  # one label of b: nothing to hold out

@@ -124,7 +124,8 @@ def _confidence(h, y: list[str], unlabeled: np.ndarray, w: np.ndarray) -> float:
     log-probabilities with each label weighted by the unlabeled images it stands for (w). Labels that suggest
     chose on class boundaries are the hardest images; unweighted, they set a temperature too cautious for the
     typical image (benchmarks/fewshot.py, issue 12: 8 suggested labels per class, digits -0.046 -> -0.012,
-    icons -0.097 -> -0.053, glyphs -0.094 -> -0.077; random labels within 0.05 on the benchmark's seeds)."""
+    icons -0.097 -> -0.053, glyphs -0.094 -> -0.077; with folds no longer capped by the smallest class
+    (calibrate.make_folds) -0.015, -0.016, -0.063; random labels within 0.05 on the benchmark's seeds)."""
     from embedstore.labels.heads.calibrate import fit_temperature
     from embedstore.labels.heads.vectors import encode_labels, softmax
 
