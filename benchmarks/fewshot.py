@@ -21,7 +21,8 @@ is the query set and the unlabeled collection. Reported:
                 and its mean top probability (collapse to uniform = 1/classes)
   suggest       from 1 random label per class, rounds of `suggest` (one label per class per round) up to 8 per
                 class; auto's accuracy on the unlabeled rest at each budget. Label efficiency = the first budget
-                (labels per class) where it reaches the accuracy of 8 stratified random labels per class
+                (labels per class) where it reaches the accuracy of 8 stratified random labels per class, and
+                where the curve crosses it, linear between budgets
   eval estimate evaluate.estimate_unlabeled on those labels (4 and 8 per class, suggest-chosen and random)
                 vs auto's true accuracy on the unlabeled rest
 Prints tables, then one JSON line.
@@ -115,6 +116,21 @@ def fit_auto(X, y, lab):
     unl = np.setdiff1d(np.arange(len(y)), lab)
     h = make_head("auto").fit(X[lab], list(y[lab]), unlabeled=X[unl])
     return h, unl
+
+
+def interpolated_match(curve: dict, target) -> float | None:
+    """Labels per class where the suggest curve crosses `target`, linear between budgets (the whole-number rule
+    flips on a 0.001 difference); the first budget when it is already above, None when never reached."""
+    if target is None:
+        return None
+    bs = sorted(curve)
+    for i, b in enumerate(bs):
+        if curve[b] >= target:
+            if i == 0:
+                return float(b)
+            a = bs[i - 1]
+            return round(a + (target - curve[a]) / (curve[b] - curve[a]) * (b - a), 2)
+    return None
 
 
 def estimate_error(X, y, lab, h, unl, true_acc):
@@ -220,6 +236,7 @@ def summarise(acc, cal, est, al, al_est, chosen, shots_levels):
         r["random_8_per_class"] = target
         reached = [b for b in AL_BUDGETS if target is not None and curve[b] >= target]
         r["labels_per_class_to_match_random_8"] = reached[0] if reached else None
+        r["labels_per_class_to_match_random_8_interpolated"] = interpolated_match(curve, target)
     errs = {}
     for kind, d in (("random", est), ("suggest", al_est)):
         for s, rows in d.items():
@@ -251,7 +268,8 @@ def print_set(con, name, r, n, k, seeds, shots_levels):
                   "ECE " + ", ".join(f"{s}: {v['ece']:.3f} (top p {v['mean_top_p']:.2f})" for s, v in r["ece"].items()))
     if "suggest_curve" in r:
         con.print("suggest: " + ", ".join(f"{b}/cl {v:.3f}" for b, v in r["suggest_curve"].items())
-                  + f"; random 8/cl {r['random_8_per_class']:.3f}; labels/class to match: {r['labels_per_class_to_match_random_8']}")
+                  + f"; random 8/cl {r['random_8_per_class']:.3f}; labels/class to match: {r['labels_per_class_to_match_random_8']} "
+                  f"({r['labels_per_class_to_match_random_8_interpolated']} interpolated)")
     for key, e in r["estimate_error"].items():
         con.print(f"eval estimate, {key} labels/class: error {e['mean_error']:+.3f} (|err| {e['mean_abs_error']:.3f}, "
                   f"unweighted {e['unweighted_mean_error']:+.3f}, mean conf {e['confidence_mean_error']:+.3f}, stderr {e['mean_stderr']:.3f}, "

@@ -110,7 +110,11 @@ def test_search_page_renders_results_in_chromium(ui_server, browser):
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, 120)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    # Streamlit re-renders the grid while images load: an element found a moment ago can be replaced, so the
+    # waits retry on a stale reference instead of failing (seen once in CI)
+    wait = WebDriverWait(browser, 120, ignored_exceptions=(StaleElementReferenceException,))
     browser.get(ui_server)
     wait.until(EC.presence_of_element_located((By.XPATH, "//h2[contains(., 'Search')]")))
     # the browse grid: thumbnails with a "similar" button each (key browse_nb_<id>); press the first
@@ -124,7 +128,7 @@ def test_search_page_renders_results_in_chromium(ui_server, browser):
                                  for img in d.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img")))
     finally:
         browser.save_screenshot(str(ARTIFACTS / "ui-search.png"))
-    scores = [float(c.text.split(" · ")[0]) for c in browser.find_elements(By.XPATH, caption + "[contains(., ' · #')]")]
+    scores = wait.until(lambda d: [float(c.text.split(" · ")[0]) for c in d.find_elements(By.XPATH, caption + "[contains(., ' · #')]")])
     assert len(scores) == 24 and scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1.0001, scores
     assert browser.find_elements(By.XPATH, caption + "[starts-with(., 'query: image #')]")
     assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
