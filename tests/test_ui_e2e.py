@@ -106,11 +106,10 @@ def browser(tmp_path):
 
 
 def test_search_page_renders_results_in_chromium(ui_server, browser):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
-
-    from selenium.common.exceptions import StaleElementReferenceException
 
     # Streamlit re-renders the grid while images load: an element found a moment ago can be replaced, so the
     # waits retry on a stale reference instead of failing (seen once in CI)
