@@ -24,7 +24,9 @@ from sklearn.metrics import confusion_matrix
 
 from embedstore.clock import now_iso
 from embedstore.errors import EmptyInputError, InvalidArgumentError
-from embedstore.labels.heads import HEADS
+from embedstore.labels.heads import HEADS, l2n
+from embedstore.labels.heads.calibrate import fit_temperature
+from embedstore.labels.heads.vectors import encode_labels, softmax
 from embedstore.progress import progress_bar
 from embedstore.results import EvalRun
 from embedstore.storage import Storage
@@ -121,20 +123,14 @@ def run_episodes(
 
 def _confidence(h, y: list[str], unlabeled: np.ndarray, w: np.ndarray) -> float:
     """The head's mean top probability on the unlabeled images, its temperature refitted on its out-of-fold
-    log-probabilities with each label weighted by the unlabeled images it stands for (w). Labels that suggest
-    chose on class boundaries are the hardest images; unweighted, they set a temperature too cautious for the
-    typical image (benchmarks/fewshot.py, issue 12: 8 suggested labels per class, digits -0.046 -> -0.012,
+    log-probabilities (auto's `oof_logp`, set whenever its `oof_correct` is) with each label weighted by the
+    unlabeled images it stands for (w). Labels that suggest chose on class boundaries are the hardest images;
+    unweighted, they set a temperature too cautious for the typical image (benchmarks/fewshot.py, issue 12: 8 suggested labels per class, digits -0.046 -> -0.012,
     icons -0.097 -> -0.053, glyphs -0.094 -> -0.077; with folds no longer capped by the smallest class
     (calibrate.make_folds) -0.015, -0.016, -0.063; random labels within 0.05 on the benchmark's seeds)."""
-    from embedstore.labels.heads.calibrate import fit_temperature
-    from embedstore.labels.heads.vectors import encode_labels, softmax
-
-    logp = getattr(h, "oof_logp", None)
-    if logp is None:  # nothing held out (a class with one label): the head's own calibration
-        return float(h.predict_proba(unlabeled).max(1).mean())
     yi = encode_labels(y, h.classes)[1]
     m = np.ones(len(y), bool) if getattr(h, "score_mask", None) is None else np.asarray(h.score_mask, bool)
-    T = fit_temperature(logp[m], yi[m], weights=w[m])
+    T = fit_temperature(h.oof_logp[m], yi[m], weights=w[m])
     return float(softmax(h.logits(unlabeled) / T).max(1).mean())
 
 
@@ -159,8 +155,6 @@ def estimate_unlabeled(X: np.ndarray, y: Sequence[str], unlabeled: np.ndarray | 
         return None
     w = np.ones(len(y))
     if unlabeled is not None and len(unlabeled):
-        from embedstore.labels.heads import l2n
-
         L, U = l2n(X), l2n(unlabeled)
         nearest = np.concatenate([(U[i : i + 4096] @ L.T).argmax(1) for i in range(0, len(U), 4096)])
         w += np.bincount(nearest, minlength=len(y))
