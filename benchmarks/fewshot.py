@@ -48,6 +48,7 @@ BACKBONE = "offline:efficientnet_lite0"
 SETS = ("digits", "photos", "photos-hard", "glyphs", "icons", "textures")
 ECE_SHOTS = (1, 2, 4)
 AL_BUDGETS = (2, 3, 4, 5, 6, 8)  # labels per class after each suggest round
+GOAL_BUDGET = 5  # issue 12: suggest's labels per class should match 8 random ones
 
 
 def make_images(name: str):
@@ -237,6 +238,10 @@ def summarise(acc, cal, est, al, al_est, chosen, shots_levels):
         reached = [b for b in AL_BUDGETS if target is not None and curve[b] >= target]
         r["labels_per_class_to_match_random_8"] = reached[0] if reached else None
         r["labels_per_class_to_match_random_8_interpolated"] = interpolated_match(curve, target)
+        if target is not None and GOAL_BUDGET in al:  # the goal's comparison with its noise: two independent samples of seeds
+            a, b = np.asarray(al[GOAL_BUDGET]), np.asarray(acc["auto"][8])
+            r["suggest_5_minus_random_8"] = {"diff": float(a.mean() - b.mean()),
+                                             "se": float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))}
     errs = {}
     for kind, d in (("random", est), ("suggest", al_est)):
         for s, rows in d.items():
@@ -244,6 +249,7 @@ def summarise(acc, cal, est, al, al_est, chosen, shots_levels):
             u = np.array([row["unweighted"] - row["true"] for row in rows])
             k = np.array([row["confidence"] - row["true"] for row in rows])
             errs[f"{kind}_{s}"] = {"mean_error": float(e.mean()), "mean_abs_error": float(np.abs(e).mean()),
+                                   "se_of_mean_error": float(e.std(ddof=1) / np.sqrt(len(e))) if len(e) > 1 else None,
                                    "unweighted_mean_error": float(u.mean()),
                                    "confidence_mean_error": float(k.mean()), "confidence_mean_abs_error": float(np.abs(k).mean()),
                                    "mean_stderr": float(np.mean([row["stderr"] for row in rows])),
@@ -269,9 +275,12 @@ def print_set(con, name, r, n, k, seeds, shots_levels):
     if "suggest_curve" in r:
         con.print("suggest: " + ", ".join(f"{b}/cl {v:.3f}" for b, v in r["suggest_curve"].items())
                   + f"; random 8/cl {r['random_8_per_class']:.3f}; labels/class to match: {r['labels_per_class_to_match_random_8']} "
-                  f"({r['labels_per_class_to_match_random_8_interpolated']} interpolated)")
+                  f"({r['labels_per_class_to_match_random_8_interpolated']} interpolated)"
+                  + (f"; 5/cl - random 8/cl {r['suggest_5_minus_random_8']['diff']:+.3f} ± {r['suggest_5_minus_random_8']['se']:.3f} (se)"
+                     if "suggest_5_minus_random_8" in r else ""))
     for key, e in r["estimate_error"].items():
-        con.print(f"eval estimate, {key} labels/class: error {e['mean_error']:+.3f} (|err| {e['mean_abs_error']:.3f}, "
+        se = f" ± {e['se_of_mean_error']:.3f} (se)" if e.get("se_of_mean_error") is not None else ""
+        con.print(f"eval estimate, {key} labels/class: error {e['mean_error']:+.3f}{se} (|err| {e['mean_abs_error']:.3f}, "
                   f"unweighted {e['unweighted_mean_error']:+.3f}, mean conf {e['confidence_mean_error']:+.3f}, stderr {e['mean_stderr']:.3f}, "
                   f"95% interval held the truth in {e['interval_coverage']:.0%} of runs)")
 
