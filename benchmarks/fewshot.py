@@ -145,7 +145,7 @@ def estimate_error(X, y, lab, h, unl, true_acc):
     if est is None:
         return None
     return {"estimate": est["accuracy"], "stderr": est["stderr"], "covered": est["low"] <= true_acc <= est["high"], "unweighted": est["unweighted"], "weighted": est["weighted"], "confidence": est["mean_confidence"],
-            "true": true_acc}
+            "true": true_acc, "harder": est["harder_labels"]}
 
 
 def episodes(X, y, shots_levels, seeds, heads, progress):
@@ -253,7 +253,8 @@ def summarise(acc, cal, est, al, al_est, chosen, shots_levels):
                                    "unweighted_mean_error": float(u.mean()),
                                    "confidence_mean_error": float(k.mean()), "confidence_mean_abs_error": float(np.abs(k).mean()),
                                    "mean_stderr": float(np.mean([row["stderr"] for row in rows])),
-                                   "interval_coverage": float(np.mean([row["covered"] for row in rows]))}
+                                   "interval_coverage": float(np.mean([row["covered"] for row in rows])),
+                                   "flagged_harder": float(np.mean([row["harder"] for row in rows]))}
     r["estimate_error"] = errs
     return r
 
@@ -282,7 +283,7 @@ def print_set(con, name, r, n, k, seeds, shots_levels):
         se = f" ± {e['se_of_mean_error']:.3f} (se)" if e.get("se_of_mean_error") is not None else ""
         con.print(f"eval estimate, {key} labels/class: error {e['mean_error']:+.3f}{se} (|err| {e['mean_abs_error']:.3f}, "
                   f"unweighted {e['unweighted_mean_error']:+.3f}, mean conf {e['confidence_mean_error']:+.3f}, stderr {e['mean_stderr']:.3f}, "
-                  f"95% interval held the truth in {e['interval_coverage']:.0%} of runs)")
+                  f"95% interval held the truth in {e['interval_coverage']:.0%} of runs, labels flagged harder in {e['flagged_harder']:.0%})")
 
 
 def main(argv=None):

@@ -156,3 +156,21 @@ def test_auto_leaves_a_poor_default_when_the_evidence_is_clear(tmp_path):
     kept.save(tmp_path / "h.npz")
     back = load_head(tmp_path / "h.npz")
     assert back.default_kept and back.note == kept.note and back.margin == 1e9
+
+
+def test_estimate_flags_labels_chosen_for_being_hard(digits):
+    """suggest picks boundary images: held out, they are predicted with much less confidence than the unlabeled
+    images (the estimate then tends to read low, and says so); random labels are not flagged."""
+    X, y = digits
+    k = len(set(y))
+    chosen = list(stratified(y, 1, 0))
+    while len(chosen) < 8 * k:
+        unl = np.setdiff1d(np.arange(len(y)), chosen)
+        chosen += [int(unl[p["row"]]) for p in rank(X[chosen], list(y[chosen]), X[unl], k, make_head)]
+    est = {}
+    for kind, lab in (("random", stratified(y, 8, 0)), ("suggest", np.array(chosen))):
+        unl = np.setdiff1d(np.arange(len(y)), lab)
+        est[kind] = estimate_unlabeled(X[lab], list(y[lab]), X[unl], make_head)
+    gap = {kind: e["mean_confidence"] - e["labels_confidence"] for kind, e in est.items()}
+    assert not est["random"]["harder_labels"] and abs(gap["random"]) < 0.1
+    assert est["suggest"]["harder_labels"] and gap["suggest"] > 0.15
