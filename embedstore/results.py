@@ -340,7 +340,7 @@ class PlateauResult(Result):
     gain: float | None
     margin: float
     window: int
-    points: list[dict]  # [{n_labels, accuracy}] of the learning curve read
+    points: list[dict]  # [{n_labels, accuracy, estimate}] of the learning curve read (estimate: None when eval had none)
     version: str | None = None
 
 

@@ -41,7 +41,7 @@ def test_plateau_rule(history, plateau, gain):
     assert isinstance(r, PlateauResult)
     assert r.plateau is plateau
     assert r.gain == pytest.approx(gain, abs=1e-6)
-    assert ("gained only" in r.reason) is plateau
+    assert r.reason.startswith("over the last 2 label additions") and "held-out labels" in r.reason
 
 
 def test_too_few_label_counts_is_no_plateau():
@@ -73,6 +73,33 @@ def test_margin_and_window_are_configurable():
     assert plateau_rule(h, margin=0.01, window=3).gain == pytest.approx(0.13)
     with pytest.raises(InvalidArgumentError):
         plateau_rule(h, window=0)
+
+
+def estimated(*triples):
+    """Eval runs whose unlabeled estimate is known: (n_labels, best_accuracy, estimated accuracy) triples."""
+    return [
+        EvalRun.from_dict({"n_labels": n, "best_accuracy": a, "time": f"2024-01-01T00:00:{i:02d}",
+                           "unlabeled_estimate": None if e is None else {"accuracy": e}})
+        for i, (n, a, e) in enumerate(triples)
+    ]
+
+
+def test_plateau_needs_the_unlabeled_estimate_to_stop_gaining_too():
+    """suggest's labels get harder every round, so accuracy on held-out labels flattens (or falls) while the rest
+    of the collection still improves: when both runs have eval's estimate for the unlabeled images, a plateau
+    needs both readings to have gained less than the margin."""
+    climbing = plateau_rule(estimated((20, 0.60, 0.60), (30, 0.61, 0.70), (40, 0.58, 0.80)))
+    assert climbing.plateau is False and climbing.gain == pytest.approx(0.20)
+    assert "expected accuracy on the unlabeled images +0.200 (0.600 -> 0.800)" in climbing.reason
+    assert "held-out labels -0.020" in climbing.reason and climbing.reason.endswith("(a plateau needs both to gain less)")
+    assert [p["estimate"] for p in climbing.points] == [0.60, 0.70, 0.80]
+    flat = plateau_rule(estimated((20, 0.80, 0.80), (30, 0.80, 0.805), (40, 0.805, 0.806)))
+    assert flat.plateau is True and flat.gain == pytest.approx(0.006)
+    rising_labels = plateau_rule(estimated((20, 0.5, 0.80), (30, 0.7, 0.805), (40, 0.9, 0.806)))
+    assert rising_labels.plateau is False  # held-out accuracy still climbing
+    # an older run without an estimate: the held-out accuracy alone decides
+    mixed = plateau_rule(estimated((20, 0.60, None), (30, 0.61, 0.70), (40, 0.60, 0.80)))
+    assert mixed.plateau is True and "unlabeled" not in mixed.reason
 
 
 def test_runs_without_accuracy_are_ignored():
