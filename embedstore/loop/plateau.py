@@ -50,17 +50,14 @@ def plateau_rule(history: Sequence[EvalRun], margin: float = PLATEAU_MARGIN, win
         )
         return PlateauResult(False, reason, None, margin, window, points)
     a, b = points[-1 - window], points[-1]
-    both = a["estimate"] is not None and b["estimate"] is not None
-    gain = b["accuracy"] - a["accuracy"]
-    said = f"best-head accuracy on held-out labels {gain:+.3f} ({a['accuracy']:.3f} -> {b['accuracy']:.3f})"
-    if both:
-        est = b["estimate"] - a["estimate"]
-        said += f", expected accuracy on the unlabeled images {est:+.3f} ({a['estimate']:.3f} -> {b['estimate']:.3f})"
-        plateau = gain < margin and est < margin
-        gain = max(gain, est)  # the larger gain is the one the margin must beat for a plateau
-    else:
-        plateau = gain < margin
+    held = b["accuracy"] - a["accuracy"]
+    said = f"best-head accuracy on held-out labels {held:+.3f} ({a['accuracy']:.3f} -> {b['accuracy']:.3f})"
+    gains = [held]
+    if a["estimate"] is not None and b["estimate"] is not None:
+        gains.append(b["estimate"] - a["estimate"])
+        said += f", expected accuracy on the unlabeled images {gains[1]:+.3f} ({a['estimate']:.3f} -> {b['estimate']:.3f})"
+    plateau = max(gains) < margin  # every reading stopped gaining
     reason = f"over the last {window} label additions ({a['n_labels']} -> {b['n_labels']} labels): {said}; margin {margin}"
-    if both and not plateau and min(b["accuracy"] - a["accuracy"], est) < margin:
+    if not plateau and min(gains) < margin:
         reason += " (a plateau needs both to gain less)"
-    return PlateauResult(plateau, reason, round(gain, 4), margin, window, points)
+    return PlateauResult(plateau, reason, round(max(gains), 4), margin, window, points)
