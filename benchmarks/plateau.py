@@ -35,7 +35,7 @@ MARGIN, WINDOW = 0.01, 2
 
 def curve(X, y, kind: str, seed: int, episodes: int) -> list[dict]:
     from embedstore.errors import EmptyInputError
-    from embedstore.labels.evaluate import applicable_heads, estimate_unlabeled, run_episodes
+    from embedstore.labels.evaluate import applicable_heads, run_episodes
     from embedstore.labels.heads import make_head
     from embedstore.labels.suggest import rank
 
@@ -59,10 +59,10 @@ def curve(X, y, kind: str, seed: int, episodes: int) -> list[dict]:
             best = max(v[str(res["shots"][-1])]["mean"] for v in res["heads"].values())
         except EmptyInputError:  # a class with a single label: eval refuses, so the rule has no point here
             best = None
-        est = estimate_unlabeled(X[L], list(y[L]), X[unl], make_head)
-        h = make_head("auto").fit(X[L], list(y[L]), unlabeled=X[unl])
+        h, unl = fewshot.fit_auto(X, y, L)  # one auto fit serves the truth and the estimate
         truth = float(np.mean(np.asarray(h.predict(X[unl]), dtype=object) == y[unl]))
-        out.append({"budget": budget, "episodes": best, "estimate": est and est["accuracy"], "truth": truth})
+        est = fewshot.estimate_error(X, y, L, h, unl, truth)
+        out.append({"budget": budget, "episodes": best, "estimate": est and est["estimate"], "truth": truth})
     return out
 
 
@@ -101,8 +101,9 @@ def main(argv=None):
         X, y = fewshot.features(name)
         for kind in args.kinds.split(","):
             curves = [curve(X, y, kind, s, args.episodes) for s in range(args.seeds)]
-            mean = {k: {b: float(np.mean([p[k] for c in curves for p in c if p["budget"] == b and p[k] is not None] or [np.nan]))
-                        for b in fewshot.AL_BUDGETS} for k in ("episodes", "estimate", "truth")}
+            vals = {k: {b: [p[k] for c in curves for p in c if p["budget"] == b and p[k] is not None] for b in fewshot.AL_BUDGETS}
+                    for k in ("episodes", "estimate", "truth")}
+            mean = {k: {b: float(np.mean(v)) if v else None for b, v in d.items()} for k, d in vals.items()}  # None: eval refused
             results[f"{name}/{kind}"] = {"curve": mean, **false_plateaus(curves)}
     tab = Table(title=f"plateau rule (gain < {MARGIN} over {WINDOW} additions), {args.seeds} seeds")
     for col in ("collection / labels", "points", "true plateaus", "false: episodes", "false: estimate", "false: both", "missed: both", "episodes 3 → 8/cl",
@@ -112,7 +113,7 @@ def main(argv=None):
         c = r["curve"]
         tab.add_row(key, str(r["points"]), str(r["true_plateaus"]), str(r["episodes_false"]), str(r["estimate_false"]),
                     str(r["both_false"]), str(r["both_missed"]),
-                    *[f"{c[k][3]:.3f} → {c[k][8]:.3f}" for k in ("episodes", "estimate", "truth")])
+                    *[" → ".join("–" if c[k][b] is None else f"{c[k][b]:.3f}" for b in (3, 8)) for k in ("episodes", "estimate", "truth")])
     Console().print(tab)
     print(json.dumps({"benchmark": "plateau", "backbone": fewshot.BACKBONE, "seeds": args.seeds, "episodes": args.episodes,
                       "margin": MARGIN, "window": WINDOW, "wall_s": round(time.time() - t0, 1), "results": results}))

@@ -7,6 +7,8 @@ means roughly "at least this likely to be right" for every head.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 
@@ -38,8 +40,6 @@ def make_folds(y, n_splits: int = 5, seed: int = 0):
     labels, which made auto's choice and eval's estimate read a much weaker head than the one fitted on all of them
     (benchmarks/fewshot.py, issue 12, 10 seeds: glyphs, 4 suggested labels per class: auto 0.751 -> 0.766 on the
     unlabeled images, eval's estimate -0.070 -> -0.020 from the truth; random labels, balanced, are unchanged)."""
-    import warnings
-
     from sklearn.model_selection import StratifiedKFold
 
     _, yi = encode_labels(y)
