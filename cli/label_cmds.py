@@ -199,14 +199,7 @@ def eval_(
     out.print(t)
     if run.best_head is not None:
         out.print(f"best at {run.best_shots} shots: [bold]{run.best_head}[/] {run.best_accuracy:.3f} (run {run.run_id})", highlight=False)
-    est = run.unlabeled_estimate
-    if est:
-        caveat = (f"; your labels look harder than the collection (held-out confidence {est['labels_confidence']:.2f} vs "
-                  f"{est['mean_confidence']:.2f} on the unlabeled images), as when suggest chose them, so it probably reads low"
-                  if est.get("harder_labels") else "")
-        out.print(f"expected on the unlabeled images: {est['head']} {est['accuracy']:.3f} "
-                  f"(95% {est['low']:.3f}-{est['high']:.3f}; its confidence there, calibrated on the labels weighted by the images each "
-                  f"stands for, checked against its held-out accuracy on them{caveat})", highlight=False)
+    out.print(run.estimate_line(), highlight=False)
     for h, e in run.errors.items():
         out.print(f"  [yellow]{h} failed[/]: {e}", highlight=False)
     out.print(f"plateau: [bold]{'yes' if plat.plateau else 'no'}[/] ({plat.reason})", highlight=False)

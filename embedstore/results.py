@@ -321,6 +321,22 @@ class EvalRun(Result):
         """From a stored run's JSON (runs stored by older versions may lack newer fields: None)."""
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
+    def estimate_line(self) -> str:
+        """One sentence on auto's expected accuracy on the unlabeled images, its interval and when it probably reads
+        low (the CLI and the UI print it), or why there is none."""
+        est = self.unlabeled_estimate
+        if not est:
+            from embedstore.labels.heads.auto import MIN_SCORED
+
+            return ("no estimate for the unlabeled images yet: it needs labels to hold out, at least 2 per class and "
+                    f"{MIN_SCORED} in all")
+        caveat = (f"; your labels look harder than the collection (held-out confidence {est['labels_confidence']:.2f} vs "
+                  f"{est['mean_confidence']:.2f} on the unlabeled images), as when suggest chose them, so it probably reads low"
+                  if est.get("harder_labels") else "")
+        return (f"expected on the unlabeled images: {est['head']} {est['accuracy']:.3f} "
+                f"(95% {est['low']:.3f}-{est['high']:.3f}; its confidence there, calibrated on the labels weighted by the images each "
+                f"stands for, checked against its held-out accuracy on them{caveat})")
+
     def curve_table(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of the learning curve: one row per head (best first), one column per shot count."""
         header = ["head"] + [f"{s}-shot" for s in self.shots] + ["mean"]

@@ -47,6 +47,10 @@ def test_evaluate_needs_enough_labels(photo_store, photo_labels):
         photo_store.evaluate(heads=["knn"])
     with pytest.raises(InvalidArgumentError, match="unknown head"):
         photo_store.evaluate(heads=["nope"])
+    photo_store.label(paths[-2:], photo_labels[paths[-1]])  # 2 classes, 5 labels: a curve, too few to hold out
+    run = photo_store.evaluate(shots=(1,), episodes=1, heads=["knn"])
+    assert run.unlabeled_estimate is None
+    assert run.estimate_line().startswith("no estimate for the unlabeled images yet") and "10 in all" in run.estimate_line()
 
 
 def test_eval_run_stores_a_confusion_matrix_of_the_best_head(photo_store, photo_labels):

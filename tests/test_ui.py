@@ -137,6 +137,22 @@ def test_review_accept_and_why(photo_store, monkeypatch):
     assert all(labels[int(cb.key.rsplit("_", 1)[1])] == "astronaut" for cb in boxes[:2])
 
 
+def test_review_evaluation_shows_the_estimate_for_the_unlabeled_images(photo_store, monkeypatch):
+    ids = ids_by_path(photo_store)
+    for cls in ("astronaut", "coffee"):
+        photo_store.label(sorted(i for p, i in ids.items() if f"/{cls}/" in p)[:6], cls)
+    at = open_app(photo_store, monkeypatch, "Review")
+    assert any("no evaluation yet" in c.value for c in at.caption)
+    at.button(key="review_eval").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    run = fresh(photo_store).eval_history()[-1]
+    est = run.unlabeled_estimate
+    assert est is not None and run.n_labels == 12
+    shown = [m.value for m in [*at.info, *at.warning] if "expected on the unlabeled images" in m.value]
+    assert shown == [run.estimate_line()] and f"{est['accuracy']:.3f}" in shown[0]
+    assert any(c.value.startswith("plateau: no (") for c in at.caption)  # one run: nothing to compare yet
+
+
 def test_map_and_store_pages_render(photo_store, monkeypatch):
     _two_classes(photo_store)
     at = open_app(photo_store, monkeypatch, "Map")

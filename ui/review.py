@@ -86,6 +86,11 @@ def _evaluation(store) -> None:
         st.dataframe(curve.pivot_table(index="head", columns="shots", values="accuracy"), width="stretch")
     elif not conf:
         st.json(last.to_dict(), expanded=False)
+    # the curve is measured on the labels (hard ones, when suggest chose them): what to expect on the rest
+    est = last.unlabeled_estimate
+    (st.warning if est and est.get("harder_labels") else st.info)(last.estimate_line(), icon=":material/insights:")
+    if (plat := common.call(store, "plateau")) is not None:
+        st.caption(f"plateau: {'yes' if plat.plateau else 'no'} ({plat.reason})")
 
 
 def _apply(store, ids: list[int], cls: str, verb: str) -> None:
