@@ -193,7 +193,7 @@ def eval_(
     from rich.table import Table
 
     header, rows = run.curve_table()
-    t = Table(*header, title=f"accuracy, {run.episodes} episodes, {run.n_labels} labels / {run.n_classes} classes")
+    t = Table(*header, title=f"accuracy, {run.episodes} episodes, {run.tested_on()}")
     for r in rows:
         t.add_row(*r)
     out.print(t)

@@ -315,6 +315,7 @@ class EvalRun(Result):
     # auto fitted on all the labels: its estimated accuracy on the unlabeled images, with stderr/low/high
     # (evaluate.estimate_unlabeled); None when a class has a single label
     unlabeled_estimate: dict | None = None
+    n_scored: int | None = None  # labels tested on (not trained on by a fine-tuned backbone); None in older runs
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalRun":
@@ -328,14 +329,24 @@ class EvalRun(Result):
         if not est:
             from embedstore.labels.heads.auto import MIN_SCORED
 
+            unseen = (f" that this version's fine-tuned backbone did not train on ({self.n_scored} now)"
+                      if self.n_scored is not None and self.n_scored < self.n_labels else "")
             return ("no estimate for the unlabeled images yet: it needs labels to hold out, at least 2 per class and "
-                    f"{MIN_SCORED} in all")
+                    f"{MIN_SCORED} in all{unseen}")
         caveat = (f"; your labels look harder than the collection (held-out confidence {est['labels_confidence']:.2f} vs "
                   f"{est['mean_confidence']:.2f} on the unlabeled images), as when suggest chose them, so it probably reads low"
                   if est.get("harder_labels") else "")
         return (f"expected on the unlabeled images: {est['head']} {est['accuracy']:.3f} "
                 f"(95% {est['low']:.3f}-{est['high']:.3f}; its confidence there, calibrated on the labels weighted by the images each "
                 f"stands for, checked against its held-out accuracy on them{caveat})")
+
+    def tested_on(self) -> str:
+        """What the curve was measured on, e.g. "100 labels / 10 classes, tested on the 20 the fine-tuned backbone
+        did not train on"."""
+        out = f"{self.n_labels} labels / {self.n_classes} classes"
+        if self.n_scored is not None and self.n_scored < self.n_labels:
+            out += f", tested on the {self.n_scored} the fine-tuned backbone did not train on"
+        return out
 
     def curve_table(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of the learning curve: one row per head (best first), one column per shot count."""

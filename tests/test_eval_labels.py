@@ -53,6 +53,22 @@ def test_evaluate_needs_enough_labels(photo_store, photo_labels):
     assert run.estimate_line().startswith("no estimate for the unlabeled images yet") and "10 in all" in run.estimate_line()
 
 
+def test_episodes_test_only_on_scored_labels():
+    """`scored` (evaluate: the labels a fine-tuned backbone did not train on) limits the queries, not the supports."""
+    from embedstore.labels.evaluate import run_episodes
+
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(c, 1.0, (10, 16)) for c in (0.0, 1.5, 3.0)]).astype(np.float32)
+    y = ["a"] * 10 + ["b"] * 10 + ["c"] * 10
+    scored = np.array([c != "c" for c in y])
+    res = run_episodes(X, y, make_head, ["centroid"], shots=(1, 2), episodes=3, scored=scored)
+    m = np.array(res["confusions"]["centroid"])  # at 2 shots, rows: true a, b, c
+    assert res["shots"] == [1, 2] and m[2].sum() == 0  # c trains the heads but is never a query
+    assert m[:2].sum() == 3 * (20 - 2 * 2)  # every scored label not drawn as a support, in each of 3 episodes
+    full = run_episodes(X, y, make_head, ["centroid"], shots=(1, 2), episodes=3)
+    assert np.array(full["confusions"]["centroid"]).sum() == 3 * (30 - 3 * 2)
+
+
 def test_eval_run_stores_a_confusion_matrix_of_the_best_head(photo_store, photo_labels):
     by_class = {}
     for p, c in sorted(photo_labels.items()):

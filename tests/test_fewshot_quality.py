@@ -110,6 +110,22 @@ def test_evaluate_reports_unlabeled_estimate(photo_store, photo_dir):
     assert run.to_dict()["unlabeled_estimate"] == est
 
 
+def test_estimate_weighs_only_scored_labels(digits):
+    X, y = digits
+    lab = np.concatenate([np.flatnonzero(y == c)[:6] for c in np.unique(y)])
+    unl = np.setdiff1d(np.arange(len(y)), lab)
+    mask = np.arange(len(lab)) % 3 != 0  # a third "trained on": they train the heads, never test them
+    est = estimate_unlabeled(X[lab], list(y[lab]), X[unl], make_head, "auto", score_mask=mask)
+    h = make_head("auto")
+    h.score_mask = mask
+    h.fit(X[lab], list(y[lab]), unlabeled=X[unl])
+    assert est["unweighted"] == round(float(np.mean(h.oof_correct[mask])), 4)
+    assert est["n_effective"] <= mask.sum()
+    few = np.zeros(len(lab), bool)
+    few[:9] = True  # fewer than auto's MIN_SCORED labels to test on: no estimate
+    assert estimate_unlabeled(X[lab], list(y[lab]), X[unl], make_head, "auto", score_mask=few) is None
+
+
 def test_auto_keeps_its_default_when_the_evidence_is_thin(digits):
     """Shrinkage toward the default ensemble: with 2 labels per class a cross-validated winner must beat it by
     more than a standard error of the paired difference; the reason is stated (and survives save/load)."""

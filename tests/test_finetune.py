@@ -193,6 +193,31 @@ def test_use_rolls_back_and_old_version_is_searchable(run):
 
 
 @slow
+def test_eval_on_the_fine_tuned_version_tests_only_labels_it_did_not_train_on(run):
+    s = embedstore.open(run["root"], create=False)
+    s.use(run["new"])
+    e = s.version_info(run["new"])["finetune"]
+    unseen = set(run["labels"]) - set(e["trained_ids"]) - set(e["selection_ids"])
+    assert unseen == set(e["decision_ids"]) and len(unseen) == 20
+    ev = s.evaluate(shots=(1, 2, 4), episodes=2, heads=["centroid"], save=False)
+    assert ev.n_labels == 100 and ev.n_scored == 20 and "tested on the 20 the fine-tuned backbone" in ev.tested_on()
+    # 2 decision labels per class, so every 4-shot episode tests on the 0-2 per class its supports left
+    assert sum(map(sum, ev.confusion["matrix"])) <= 2 * 20
+    est = ev.unlabeled_estimate
+    assert est is not None and est["n_effective"] <= 20
+    # without the decision labels nothing is left to test on: a one-line error, exit 2, labels kept
+    decision = {i: run["labels"][i] for i in unseen}
+    s.unlabel(sorted(decision))
+    try:
+        res = CliRunner().invoke(app, ["eval", str(run["root"]), "--episodes", "1"])
+        assert res.exit_code == 2 and "trained on all 80 labeled images" in res.output and "Traceback" not in res.output
+    finally:
+        for c in sorted(set(decision.values())):
+            s.label([i for i, k in decision.items() if k == c], c)
+    assert s.labels() == run["labels"]
+
+
+@slow
 def test_images_added_later_are_embedded_on_use(run, digits_dir, tmp_path):
     from PIL import Image
 

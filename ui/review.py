@@ -81,7 +81,7 @@ def _evaluation(store) -> None:
 
     curve = pd.DataFrame(curve_rows(last))
     if not curve.empty:
-        st.caption(f"few-shot accuracy by head and labeled images per class ({last.n_labels} labels, "
+        st.caption(f"few-shot accuracy by head and labeled images per class ({last.tested_on()}, "
                    f"best: {last.best_head})")
         st.dataframe(curve.pivot_table(index="head", columns="shots", values="accuracy"), width="stretch")
     elif not conf:

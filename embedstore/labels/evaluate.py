@@ -43,24 +43,8 @@ def applicable_heads(has_text: bool) -> list[str]:
     return [h for h in HEADS if has_text or h not in TEXT_HEADS]
 
 
-def run_episodes(
-    X: np.ndarray,
-    y: Sequence[str],
-    make_head,
-    heads: Sequence[str],
-    shots: Sequence[int] = DEFAULT_SHOTS,
-    episodes: int = 10,
-    seed: int = 0,
-    unlabeled: np.ndarray | None = None,
-    max_queries: int = 2000,
-    progress=None,
-) -> dict:
-    """Accuracy of each head per shot count over `episodes` seeded stratified episodes.
-
-    Returns {"shots": [...], "heads": {head: {shot: {"mean", "std", "episodes"}}}, "errors": {head: msg},
-    "chosen": {shot: {name: count}} (what auto picked)}. Pure arrays in, plain dict out.
-    """
-    y = np.asarray([str(c) for c in y], dtype=object)
+def _shot_range(y: np.ndarray, shots: Sequence[int]) -> tuple[list[str], dict, list[int]]:
+    """(classes, label positions per class, the shot counts the labels allow), or a one-line error."""
     classes = sorted(set(y))
     if len(classes) < 2:
         raise EmptyInputError("evaluation needs labels of at least two classes; label a few images of another class")
@@ -79,15 +63,46 @@ def run_episodes(
             f"shots must be between 1 and {n_min - 1} (class {smallest!r} has {n_min} labels, one is kept to test on); "
             f"got {','.join(map(str, shots))}; try --shots 1,2,4"
         )
+    return classes, by_class, ok
+
+
+def run_episodes(
+    X: np.ndarray,
+    y: Sequence[str],
+    make_head,
+    heads: Sequence[str],
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    episodes: int = 10,
+    seed: int = 0,
+    unlabeled: np.ndarray | None = None,
+    max_queries: int = 2000,
+    progress=None,
+    scored: np.ndarray | None = None,
+) -> dict:
+    """Accuracy of each head per shot count over `episodes` seeded stratified episodes.
+
+    `scored` (a bool per label, default all): which labels may be queries. Supports are drawn from every label;
+    evaluate() leaves out of the queries the labels a fine-tuned backbone trained on, whose vectors look easier
+    than an unseen image's. An episode whose supports took every scored label is skipped.
+
+    Returns {"shots": [...], "heads": {head: {shot: {"mean", "std", "episodes"}}}, "errors": {head: msg},
+    "chosen": {shot: {name: count}} (what auto picked)}. Pure arrays in, plain dict out.
+    """
+    y = np.asarray([str(c) for c in y], dtype=object)
+    classes, by_class, ok = _shot_range(y, shots)
     rng = np.random.default_rng(seed)
     acc: dict[str, dict[int, list[float]]] = {h: defaultdict(list) for h in heads}
     errors: dict[str, str] = {}
     chosen: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    confusion: dict[str, np.ndarray] = {}  # per head, summed over the episodes at the largest shot count
+    confusion: dict[tuple[str, int], np.ndarray] = {}  # per head and shot count, summed over the episodes
+    testable = np.arange(len(y)) if scored is None else np.flatnonzero(np.asarray(scored, bool))
     for s in ok:
         for _ in range(episodes):
             support = np.concatenate([rng.choice(by_class[c], s, replace=False) for c in classes])
-            query = np.setdiff1d(np.arange(len(y)), support)
+            query = np.setdiff1d(testable, support)
+            if len(query) == 0:
+                progress and progress(len(heads))
+                continue
             if len(query) > max_queries:
                 query = rng.choice(query, max_queries, replace=False)
             pool = X[query] if unlabeled is None or len(unlabeled) == 0 else np.vstack([X[query], unlabeled])
@@ -104,9 +119,8 @@ def run_episodes(
                     progress and progress(1)
                     continue
                 acc[name][s].append(float(np.mean(pred == y[query])))
-                if s == ok[-1]:
-                    m = confusion_matrix(list(y[query]), list(pred), labels=classes)
-                    confusion[name] = confusion.get(name, 0) + m
+                m = confusion_matrix(list(y[query]), list(pred), labels=classes)
+                confusion[name, s] = confusion.get((name, s), 0) + m
                 if getattr(h, "chosen", None):
                     chosen[s][str(h.chosen)] += 1
                 progress and progress(1)
@@ -115,13 +129,17 @@ def run_episodes(
         for h, d in acc.items()
         if h not in errors
     }
+    done = [s for s in ok if any(str(s) in d for d in out.values())]  # shots some episode could test
+    if out and not done:
+        raise EmptyInputError(f"only {len(testable)} label(s) can be tested on and the supports took them in every "
+                              "episode; label a few more images")
     return {
-        "shots": ok,
+        "shots": done or ok,  # ok: every head failed (errors says why)
         "heads": out,
         "errors": errors,
         "chosen": {str(s): dict(c) for s, c in chosen.items()},
         "classes": classes,
-        "confusions": {h: m.astype(int).tolist() for h, m in confusion.items() if h not in errors},
+        "confusions": {h: m.astype(int).tolist() for (h, s), m in confusion.items() if h in out and s == done[-1]},
     }
 
 
@@ -140,7 +158,8 @@ def _confidence(h, y: list[str], unlabeled: np.ndarray, w: np.ndarray) -> tuple[
     return float(softmax(h.logits(unlabeled) / T).max(1).mean()), on_labels
 
 
-def estimate_unlabeled(X: np.ndarray, y: Sequence[str], unlabeled: np.ndarray | None, make_head, head: str = "auto") -> dict | None:
+def estimate_unlabeled(X: np.ndarray, y: Sequence[str], unlabeled: np.ndarray | None, make_head, head: str = "auto",
+                       score_mask: np.ndarray | None = None) -> dict | None:
     """Accuracy that `head` fitted on all the labels should reach on the unlabeled images, with a standard error.
 
     The labels are not a random sample when `suggest` chose them (hard, atypical images), and out-of-fold
@@ -156,19 +175,24 @@ def estimate_unlabeled(X: np.ndarray, y: Sequence[str], unlabeled: np.ndarray | 
     estimate tends to read low (benchmarks/RESULTS.md: at the same confidence such labels are right less often
     than typical images, so the calibration learnt on them is too cautious). Returns {head, accuracy, stderr, low, high, n_effective,
     weighted, unweighted, mean_confidence, labels_confidence, harder_labels, method}, or None when there is nothing to hold out (a class with
-    one label)."""
+    one label, fewer than auto's MIN_SCORED scored labels). `score_mask` (a bool per label): the labels auto may score
+    on (False: a fine-tuned backbone trained on it); the others still train the heads but neither test nor weigh."""
     y = [str(c) for c in y]
-    h = make_head(head).fit(X, y, unlabeled=unlabeled)
+    h = make_head(head)
+    if score_mask is not None and hasattr(h, "score_mask"):
+        h.score_mask = np.asarray(score_mask, bool)
+    h = h.fit(X, y, unlabeled=unlabeled)
     correct = getattr(h, "oof_correct", None)
     if correct is None:
         return None
-    w = np.ones(len(y))
+    m = np.ones(len(y), bool) if getattr(h, "score_mask", None) is None else np.asarray(h.score_mask, bool)
+    w = m.astype(np.float64)  # each scored label stands for itself and the unlabeled images nearest to it
     if unlabeled is not None and len(unlabeled):
-        L, U = l2n(X), l2n(unlabeled)
-        nearest = np.concatenate([(U[i : i + 4096] @ L.T).argmax(1) for i in range(0, len(U), 4096)])
+        L, U, idx = l2n(X[m]), l2n(unlabeled), np.flatnonzero(m)
+        nearest = np.concatenate([idx[(U[i : i + 4096] @ L.T).argmax(1)] for i in range(0, len(U), 4096)])
         w += np.bincount(nearest, minlength=len(y))
     conf, on_labels = _confidence(h, y, unlabeled, w) if unlabeled is not None and len(unlabeled) else (None, None)
-    c = np.asarray(correct, np.float64)
+    c, w = np.asarray(correct, np.float64)[m], w[m]
     weighted = float((w * c).sum() / w.sum())
     stderr = float(np.sqrt((w**2 * (c - weighted) ** 2).sum()) / w.sum())
     # the two estimates err in different ways (out-of-fold: low on hard, suggest-chosen labels and on steep
@@ -225,13 +249,15 @@ def evaluate(
             if h in TEXT_HEADS:
                 clf.make_head(h)  # raises NotSupportedError without a text tower
     vs, lab, y, unl = clf.labeled_split()
+    scored = _scored(clf, vs, lab)
     rng = np.random.default_rng(seed)
     U = vs.vectors[rng.choice(unl, min(len(unl), max_unlabeled), replace=False)] if len(unl) else None
     counts = [y.count(c) for c in set(y)]
     total = len([s for s in shots if 1 <= int(s) < min(counts)]) * episodes * len(heads)
     with progress_bar(total, "evaluating", progress, unit="fits") as advance:
         res = run_episodes(
-            vs.vectors[lab], y, clf.make_head, heads, shots=shots, episodes=episodes, seed=seed, unlabeled=U, progress=advance
+            vs.vectors[lab], y, clf.make_head, heads, shots=shots, episodes=episodes, seed=seed, unlabeled=U, progress=advance,
+            scored=scored,
         )
     last = str(res["shots"][-1])
     ranked = sorted(res["heads"], key=lambda h: -res["heads"][h][last]["mean"])
@@ -242,6 +268,7 @@ def evaluate(
         "time": now_iso("microseconds"),
         "version": vs.version,
         "n_labels": int(len(lab)),
+        "n_scored": int(scored.sum()),  # labels tested on: those the version's backbone did not train on
         "n_classes": len(set(y)),
         "class_counts": {c: y.count(c) for c in sorted(set(y))},
         "episodes": episodes,
@@ -255,12 +282,25 @@ def evaluate(
         if best
         else None,
         "mean_accuracy": {h: round(float(np.mean([v["mean"] for v in d.values()])), 4) for h, d in res["heads"].items()},
-        "unlabeled_estimate": estimate_unlabeled(vs.vectors[lab], y, U, clf.make_head, "auto"),
+        "unlabeled_estimate": estimate_unlabeled(vs.vectors[lab], y, U, clf.make_head, "auto",
+                                                 score_mask=None if scored.all() else scored),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if save:
         _store_run(clf.storage, run)
     return EvalRun.from_dict(run)
+
+
+def _scored(clf, vs, lab: np.ndarray) -> np.ndarray:
+    """Per label, whether eval may test on it: not when the version's fine-tuned backbone trained (or selected
+    epochs) on it, since its vector then looks easier than an unseen image's and the curve would read high."""
+    scored = ~np.isin(vs.ids[lab], clf.trained_ids(vs.version))
+    if not scored.any():
+        raise EmptyInputError(
+            f"the fine-tuned backbone of version {vs.version} trained on all {len(lab)} labeled images, so none can test "
+            "it; label a few more images (new labels are tested on), or evaluate the parent version (embedstore use)"
+        )
+    return scored
 
 
 def _store_run(storage: Storage, run: dict) -> None:
