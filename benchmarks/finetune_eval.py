@@ -22,7 +22,11 @@ from embedstore.samples import make_digits
 
 
 def one(seed: int, epochs: int) -> dict:
-    d = tempfile.mkdtemp(prefix=f"finetune_eval{seed}_")
+    with tempfile.TemporaryDirectory(prefix=f"finetune_eval{seed}_") as d:
+        return measure(d, seed, epochs)
+
+
+def measure(d: str, seed: int, epochs: int) -> dict:
     make_digits(os.path.join(d, "img"), per_class=40, seed=seed)
     s = embedstore.open(os.path.join(d, "s.es"))
     s.add([os.path.join(d, "img")], progress=False)
