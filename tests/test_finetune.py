@@ -210,7 +210,8 @@ def test_eval_on_the_fine_tuned_version_tests_only_labels_it_did_not_train_on(ru
     s.unlabel(sorted(decision))
     try:
         res = CliRunner().invoke(app, ["eval", str(run["root"]), "--episodes", "1"])
-        assert res.exit_code == 2 and "trained on all 80 labeled images" in res.output and "Traceback" not in res.output
+        assert res.exit_code == 2 and "trained on all 80 labeled images" in res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
     finally:
         for c in sorted(set(decision.values())):
             s.label([i for i, k in decision.items() if k == c], c)
