@@ -329,8 +329,7 @@ class EvalRun(Result):
         if not est:
             from embedstore.labels.heads.auto import MIN_SCORED
 
-            unseen = (f" that this version's fine-tuned backbone did not train on ({self.n_scored} now)"
-                      if self.n_scored is not None and self.n_scored < self.n_labels else "")
+            unseen = f" that this version's fine-tuned backbone did not train on ({self.n_scored} now)" if self._left_out() else ""
             return ("no estimate for the unlabeled images yet: it needs labels to hold out, at least 2 per class and "
                     f"{MIN_SCORED} in all{unseen}")
         caveat = (f"; your labels look harder than the collection (held-out confidence {est['labels_confidence']:.2f} vs "
@@ -340,11 +339,15 @@ class EvalRun(Result):
                 f"(95% {est['low']:.3f}-{est['high']:.3f}; its confidence there, calibrated on the labels weighted by the images each "
                 f"stands for, checked against its held-out accuracy on them{caveat})")
 
+    def _left_out(self) -> bool:
+        """Whether eval left labels a fine-tuned backbone trained on out of its tests."""
+        return self.n_scored is not None and self.n_scored < self.n_labels
+
     def tested_on(self) -> str:
         """What the curve was measured on, e.g. "100 labels / 10 classes, tested on the 20 the fine-tuned backbone
         did not train on"."""
         out = f"{self.n_labels} labels / {self.n_classes} classes"
-        if self.n_scored is not None and self.n_scored < self.n_labels:
+        if self._left_out():
             out += f", tested on the {self.n_scored} the fine-tuned backbone did not train on"
         return out
 

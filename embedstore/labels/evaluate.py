@@ -94,7 +94,7 @@ def run_episodes(
     acc: dict[str, dict[int, list[float]]] = {h: defaultdict(list) for h in heads}
     errors: dict[str, str] = {}
     chosen: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    confusion: dict[tuple[str, int], np.ndarray] = {}  # per head and shot count, summed over the episodes
+    tested: dict[tuple[str, int], list] = defaultdict(list)  # per head and shot count: (true, predicted) per episode
     testable = np.arange(len(y)) if scored is None else np.flatnonzero(np.asarray(scored, bool))
     for s in ok:
         for _ in range(episodes):
@@ -119,8 +119,7 @@ def run_episodes(
                     progress and progress(1)
                     continue
                 acc[name][s].append(float(np.mean(pred == y[query])))
-                m = confusion_matrix(list(y[query]), list(pred), labels=classes)
-                confusion[name, s] = confusion.get((name, s), 0) + m
+                tested[name, s].append((y[query], pred))
                 if getattr(h, "chosen", None):
                     chosen[s][str(h.chosen)] += 1
                 progress and progress(1)
@@ -139,8 +138,14 @@ def run_episodes(
         "errors": errors,
         "chosen": {str(s): dict(c) for s, c in chosen.items()},
         "classes": classes,
-        "confusions": {h: m.astype(int).tolist() for (h, s), m in confusion.items() if h in out and s == done[-1]},
+        "confusions": {h: _confusion(tested[h, done[-1]], classes) for h in out} if done else {},
     }
+
+
+def _confusion(pairs: list, classes: list[str]) -> list[list[int]]:
+    """Rows true class, columns predicted, summed over the episodes' (true, predicted) pairs."""
+    t, p = (np.concatenate(x) for x in zip(*pairs))
+    return confusion_matrix(list(t), list(p), labels=classes).astype(int).tolist()
 
 
 def _confidence(h, y: list[str], unlabeled: np.ndarray, w: np.ndarray) -> tuple[float, float]:
